@@ -1,0 +1,7 @@
+"""``python -m mdprune`` (also what ``torchrun -m mdprune`` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

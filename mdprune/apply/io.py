@@ -1,0 +1,70 @@
+"""Save and load slim models (base model + plan + weights, no pickled modules); ONNX export."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..models import rebuild
+from ..space import analyze
+from .plan import Plan
+from .slim import slim
+
+FORMAT = "mdprune-model/1"
+
+
+def model_info(model: nn.Module) -> dict[str, Any] | None:
+    """What mdprune recorded about a model it built (source, plan, input shapes), or None."""
+    return model.meta.get("mdprune") if isinstance(model, fx.GraphModule) else None
+
+
+def save(model: nn.Module, path: str | Path) -> None:
+    """Save a model made by :func:`mdprune.slim` or :func:`mdprune.prune`.
+
+    The file holds how to rebuild the architecture (base model name and arguments, analysis options, plan)
+    and the state_dict; :func:`load` rebuilds it without unpickling any module.
+    """
+    info = model_info(model)
+    if info is None:
+        raise ValueError("mdprune.save takes models made by mdprune (slim or prune); for any other model "
+                         "save its state_dict with torch.save")
+    if not info.get("source"):
+        raise ValueError("cannot save: mdprune does not know how to rebuild the base model. Build it with "
+                         "mdprune.create_model(...), or pass source={'name': 'package.module:function', "
+                         "'kwargs': {...}} to mdprune.analyze")
+    torch.save({"format": FORMAT, "info": info, "state_dict": model.state_dict()}, Path(path))
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> fx.GraphModule:
+    """Rebuild a model saved by :func:`save` (safe: ``torch.load(..., weights_only=True)``)."""
+    ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an mdprune model file ({FORMAT})")
+    info = ckpt["info"]
+    base = rebuild(info["source"])
+    inputs = [torch.zeros(s) for s in info["input_shapes"]]
+    opts = info.get("options", {})
+    space = analyze(base, inputs, steps=opts.get("steps"), ignored_layers=opts.get("ignored_layers", ()),
+                    source=info["source"])
+    model = slim(space, Plan.from_dict(info["plan"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(map_location)
+
+
+def export_onnx(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], path: str | Path,
+                opset: int = 18, dynamic_batch: bool = True) -> Path:
+    """Export a (slim) model to ONNX with torch.onnx (the dynamo exporter; needs ``mdprune[onnx]``)."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    model = model.eval()
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic = tuple({0: batch} for _ in inputs)
+    torch.onnx.export(model, inputs, str(path), opset_version=opset, dynamo=True, dynamic_shapes=dynamic,
+                      external_data=False)
+    return Path(path)

@@ -1,0 +1,143 @@
+"""Masked application, for training-time pruning: pruned slices held at zero, removed blocks gated off.
+
+The masked model has the dense shapes, so its optimizer and checkpoints stay valid while the plan changes.
+It computes exactly what the slim model of the same plan computes: pruned slices are zeroed on both the
+producing and the consuming side, LayerNorms over pruned features normalise over the kept ones only, and
+the branch of a removed block is multiplied by a gate of 0.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..space import PruningSpace
+from .indices import Positions
+from .plan import Plan
+
+GATES = "mdprune_gates"
+
+
+class MaskedLayerNorm(nn.LayerNorm):
+    """LayerNorm over the kept features only; pruned features come out as zero."""
+
+    def __init__(self, ln: nn.LayerNorm):
+        super().__init__(ln.normalized_shape, ln.eps, ln.elementwise_affine, bias=ln.bias is not None,
+                         device=_device(ln), dtype=_dtype(ln))
+        self.load_state_dict(ln.state_dict())
+        self.register_buffer("keep", torch.ones(ln.normalized_shape, device=_device(ln)))
+        self.full = True
+
+    def set_keep(self, keep: torch.Tensor) -> None:
+        self.keep.copy_(keep.to(self.keep))
+        self.full = bool(keep.all())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.full:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        m = self.keep.to(x.dtype)
+        n = m.sum()
+        mean = (x * m).sum(-1, keepdim=True) / n
+        xc = (x - mean) * m
+        y = xc * torch.rsqrt((xc * xc).sum(-1, keepdim=True) / n + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y * m
+
+
+def _device(m: nn.Module) -> torch.device | None:
+    p = next(m.parameters(), None)
+    return p.device if p is not None else None
+
+
+def _dtype(m: nn.Module) -> torch.dtype | None:
+    p = next(m.parameters(), None)
+    return p.dtype if p is not None else None
+
+
+def gate_name(block: str) -> str:
+    return re.sub(r"\W", "_", block)
+
+
+def prepare_masked(space: PruningSpace, model: nn.Module | None = None) -> fx.GraphModule:
+    """A copy of the traced model ready for masks: a gate on every block branch, masked LayerNorms.
+
+    Weights come from ``model`` if given (same parameter names as the analysed model).
+    """
+    from .slim import load_dense_weights
+
+    gm = load_dense_weights(space, model)
+    gates = nn.Module()
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    device = next(gm.parameters()).device
+    for b in space.blocks.values():
+        gates.register_buffer(gate_name(b.name), torch.ones((), device=device))
+    gm.add_submodule(GATES, gates)
+    for b in space.blocks.values():
+        branch, add = nodes[b.branch_node], nodes[b.add_node]
+        with graph.inserting_before(add):
+            g = graph.get_attr(f"{GATES}.{gate_name(b.name)}")
+            gated = graph.call_function(operator.mul, (branch, g))
+        add.replace_input_with(branch, gated)
+    for path in space.normalized:
+        owner, _, attr = path.rpartition(".")
+        parent = gm.get_submodule(owner) if owner else gm
+        setattr(parent, attr, MaskedLayerNorm(gm.get_submodule(path)))
+    gm.recompile()
+    return gm
+
+
+def tensor_masks(space: PruningSpace, plan: Plan) -> dict[str, dict[int, torch.Tensor]]:
+    """For every tensor the plan prunes: axis -> boolean mask over that axis (True where kept)."""
+    pos = Positions(space, plan)
+    masks: dict[str, dict[int, torch.Tensor]] = {}
+    for t in space.tensors.values():
+        axes = {axis: pos.axis_mask(segs) for axis, segs in t.axes.items()}
+        axes = {a: m for a, m in axes.items() if not m.all()}
+        if axes:
+            masks[t.name] = axes
+    return masks
+
+
+def zero_pruned_(t: torch.Tensor, axes: dict[int, torch.Tensor]) -> None:
+    """Zero, in place, every slice of ``t`` that an axis mask drops."""
+    for axis, keep in axes.items():
+        view = [1] * t.dim()
+        view[axis] = -1
+        t.mul_(keep.to(device=t.device, dtype=t.dtype).view(view))
+
+
+@torch.no_grad()
+def apply_masks_(model: fx.GraphModule, space: PruningSpace, plan: Plan) -> dict[str, dict[int, torch.Tensor]]:
+    """Zero what ``plan`` prunes in a model made by :func:`prepare_masked`; set gates and LayerNorm masks.
+
+    Returns the tensor masks, so a training loop can hold gradients and optimizer state at zero too.
+    """
+    plan.validate(space)
+    masks = tensor_masks(space, plan)
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, axes in masks.items():
+        zero_pruned_(named[name], axes)
+    removed = set(plan.removed)
+    gates = model.get_submodule(GATES)
+    for b in space.blocks:
+        getattr(gates, gate_name(b)).fill_(0.0 if b in removed else 1.0)
+    pos = Positions(space, plan)
+    for path, segs in space.normalized.items():
+        model.get_submodule(path).set_keep(pos.axis_mask(segs))
+    return masks
+
+
+def masked(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.GraphModule:
+    """A masked copy of the model for ``plan`` (dense shapes; equal in output to the slim model)."""
+    gm = prepare_masked(space, model)
+    apply_masks_(gm, space, plan)
+    return gm

@@ -1,0 +1,160 @@
+"""Slim application: rebuild the model with smaller ordinary modules and without removed blocks."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..space import PruningSpace
+from .attention import slim_attention
+from .indices import Positions
+from .plan import Plan
+
+
+def load_dense_weights(space: PruningSpace, model: nn.Module | None) -> fx.GraphModule:
+    """A copy of the traced model, with the weights of ``model`` (dense, masked or not) if given."""
+    gm = copy.deepcopy(space.module)
+    if model is not None:
+        src = model.state_dict()
+        own = gm.state_dict()
+        missing = [k for k in own if k not in src]
+        if missing:
+            raise ValueError(f"the model given has no weights for {missing[:5]} ...; is it the analysed model?")
+        gm.load_state_dict({k: src[k] for k in own})
+    return gm
+
+
+def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.GraphModule:
+    """The slim model of ``plan``: an ordinary ``nn.Module`` (a ``torch.fx.GraphModule``) with smaller layers.
+
+    Args:
+        space: the pruning space of the dense model.
+        plan: what to keep; validated against ``space``.
+        model: where to take weights from (the dense model, or its masked version after training);
+            by default the weights of the analysed model.
+    """
+    plan.validate(space)
+    gm = load_dense_weights(space, model)
+    pos = Positions(space, plan)
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+
+    replaced: dict[str, fx.Node] = {}
+    for b in sorted(plan.removed, key=lambda b: list(nodes).index(space.blocks[b].add_node)):
+        blk = space.blocks[b]  # a removed block leaves its shortcut (itself maybe a removed block's)
+        shortcut = nodes[blk.shortcut_node]
+        shortcut = replaced.get(shortcut.name, shortcut)
+        add = nodes[blk.add_node]
+        add.replace_all_uses_with(shortcut)
+        graph.erase_node(add)
+        replaced[add.name] = shortcut
+    graph.eliminate_dead_code()
+
+    with torch.no_grad():
+        for node in graph.nodes:
+            if node.op == "call_module":
+                m = gm.get_submodule(node.target)
+                new = _slim_module(space, pos, node.target, m)
+                if new is not m:
+                    _set_submodule(gm, node.target, new)
+            elif node.op == "get_attr" and node.target in space.tensors:
+                _set_tensor(gm, node.target, _take(space, pos, node.target, _get_tensor(gm, node.target)))
+
+    for p in space.patches:
+        node = nodes.get(p.node)
+        if node is not None and node.graph is graph:
+            _patch_literal(node, p.arg_index, pos.axis(p.segs).numel())
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.meta["mdprune"] = {
+        "source": space.source,
+        "plan": plan.to_dict(),
+        "input_shapes": [list(s) for s in space.input_shapes],
+        "options": space.options,
+    }
+    return gm
+
+
+def _get_tensor(root: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, attr)
+
+
+def _take(space: PruningSpace, pos: Positions, name: str, t: torch.Tensor) -> torch.Tensor:
+    """The kept part of tensor ``name`` (every pruned axis indexed by its kept positions)."""
+    out = t.detach()
+    for axis, segs in space.tensors[name].axes.items():
+        out = out.index_select(axis, pos.axis(segs).to(out.device))
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(out.clone(), requires_grad=t.requires_grad)
+    return out.clone()
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    mod = root.get_submodule(owner) if owner else root
+    if isinstance(value, nn.Parameter):
+        setattr(mod, attr, value)
+    else:
+        mod.register_buffer(attr, value, persistent=attr not in mod._non_persistent_buffers_set)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    owner, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, attr, new)
+
+
+def _slim_module(space: PruningSpace, pos: Positions, path: str, m: nn.Module) -> nn.Module:
+    if path in space.attention:
+        return slim_attention(space, pos, path, m)
+    names = [f"{path}.{n}" for n, _ in m.named_parameters()] + [f"{path}.{n}" for n, _ in m.named_buffers()]
+    bound = [n for n in names if n in space.tensors]
+    if not bound:
+        return m
+    new = copy.deepcopy(m)
+    for name in bound:
+        local = name[len(path) + 1:]
+        _set_tensor(new, local, _take(space, pos, name, _get_tensor(new, local)))
+    _resize(new, m, space, pos, path)
+    return new
+
+
+def _resize(new: nn.Module, old: nn.Module, space: PruningSpace, pos: Positions, path: str) -> None:
+    """Update the size attributes of a module whose tensors were sliced."""
+    if isinstance(new, nn.Conv2d):
+        new.out_channels = new.weight.shape[0]
+        if old.groups > 1 and old.groups == old.in_channels == old.out_channels:
+            new.groups = new.in_channels = new.out_channels
+        else:
+            new.in_channels = new.weight.shape[1] * new.groups
+    elif isinstance(new, nn.Linear):
+        new.out_features, new.in_features = new.weight.shape
+    elif isinstance(new, nn.modules.batchnorm._BatchNorm):
+        ref = new.running_mean if new.running_mean is not None else new.weight
+        new.num_features = ref.shape[0]
+    elif isinstance(new, nn.LayerNorm):
+        new.normalized_shape = (int(pos.axis(space.normalized[path]).numel()),)
+    elif isinstance(new, nn.PReLU):
+        new.num_parameters = new.weight.shape[0]
+    elif not _only_tensors_change(new):
+        raise TypeError(f"mdprune does not know how to resize module '{path}' of type {type(new).__name__}")
+
+
+def _only_tensors_change(m: nn.Module) -> bool:
+    """Modules whose size lives only in their tensors (e.g. timm's LayerScale)."""
+    return type(m).__name__ in {"LayerScale"}
+
+
+def _patch_literal(node: fx.Node, index: int, value: int) -> None:
+    args: list[Any] = list(node.args)
+    if len(args) == 2 and isinstance(args[1], (tuple, list)):
+        shape = list(args[1])
+        shape[index] = value
+        args[1] = type(args[1])(shape)
+    else:
+        args[1 + index] = value
+    node.args = tuple(args)

@@ -1,0 +1,92 @@
+"""Build models by name, with random weights (nothing is downloaded): torchvision, timm, or ``module:function``.
+
+The model remembers how it was built (``model._mdprune_source``) so that a slim model can be saved as its base
+model plus a plan and rebuilt by :func:`mdprune.load`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModelError(ValueError):
+    """A model name mdprune cannot build, or a checkpoint that does not fit."""
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build ``name`` with random weights.
+
+    ``name`` is a torchvision model (``resnet50``), a timm model (``deit_small_patch16_224``), either with an
+    explicit prefix (``torchvision:resnet50``, ``timm:vit_small_patch16_224``), or a user function
+    ``package.module:function``. Keyword arguments go to the constructor (``num_classes=10``, ``img_size=32``).
+    """
+    model = _build(name, kwargs)
+    model._mdprune_source = {"name": name, "kwargs": dict(kwargs)}
+    return model
+
+
+def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    prefix, _, rest = name.partition(":")
+    if rest and prefix not in ("torchvision", "timm"):
+        try:
+            fn = getattr(importlib.import_module(prefix), rest)
+        except (ImportError, AttributeError) as e:
+            raise ModelError(f"cannot import model builder {name!r}: {e}") from e
+        return fn(**kwargs)
+    if prefix == "torchvision" or (not rest and _is_torchvision(name)):
+        import torchvision
+
+        return torchvision.models.get_model(rest or name, weights=None, **kwargs)
+    if prefix == "timm" or not rest:
+        import timm
+
+        model_name = rest or name
+        if not timm.is_model(model_name):
+            raise ModelError(f"unknown model {name!r}: not a torchvision or timm model name, nor module:function")
+        return timm.create_model(model_name, pretrained=False, **kwargs)
+    raise ModelError(f"unknown model {name!r}")
+
+
+def _is_torchvision(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models()
+
+
+def rebuild(source: Mapping[str, Any]) -> nn.Module:
+    """Build the model described by a ``_mdprune_source`` record."""
+    return create_model(source["name"], **dict(source.get("kwargs", {})))
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) the model expects: timm's pretrained config, else 3x224x224."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size")
+    patch = getattr(model, "patch_embed", None)
+    if patch is not None and getattr(patch, "img_size", None):
+        return (3, *patch.img_size)
+    return tuple(size) if size else (3, 224, 224)
+
+
+def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
+    """Load weights from a checkpoint file (a state_dict, or a dict holding one under model/state_dict)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise ModelError(f"checkpoint not found: {path}") from e
+    if isinstance(ckpt, Mapping):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in ckpt and isinstance(ckpt[key], Mapping):
+                ckpt = ckpt[key]
+                break
+    state = {k.removeprefix("module."): v for k, v in ckpt.items()}
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise ModelError(f"checkpoint {path} does not match the model: {str(e).splitlines()[0]} ...") from e
+    return model

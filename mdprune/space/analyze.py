@@ -1,0 +1,164 @@
+"""``analyze``: trace a model and describe its pruning space (dimensions, blocks, ops)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .blocks import FoundBlock, find_blocks
+from .channels import Propagation
+from .space import DEFAULT_STEPS, Block, Dimension, Op, Patch, PruningSpace, Seg, TensorAxes
+from .trace import record_shapes, trace
+from .values import RawSeg
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    steps: Mapping[str, int] | None = None,
+    ignored_layers: Iterable[str] = (),
+    source: Mapping[str, Any] | None = None,
+) -> PruningSpace:
+    """Describe what can be pruned in ``model``.
+
+    Args:
+        model: any ``nn.Module`` that torch.fx can trace (torchvision and timm CNNs and ViTs work as they are).
+        example_inputs: a tensor (or tuple of tensors) the model accepts; sets batch, spatial size and tokens.
+        steps: pruning step (alignment) per dimension kind (``"channel"``, ``"embed"``, ``"mlp"``, ``"heads"``,
+            ``"qk"``, ``"v"``, ``"linear"``) or per dimension name; defaults in ``DEFAULT_STEPS``.
+        ignored_layers: names of modules to keep whole: traced as opaque, every channel they touch is kept.
+        source: how to rebuild the base model for :func:`mdprune.load` (``{"name": ..., "kwargs": {...}}``);
+            taken from the model if it was made by :func:`mdprune.create_model`.
+
+    Raises:
+        AnalysisError: for any op or layer mdprune cannot prune safely, naming the module and the op.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    ignored = tuple(ignored_layers)
+    gm = trace(model, ignored, n_inputs=len(inputs))
+    record_shapes(gm, inputs)
+    prop = Propagation(gm, ignored)
+    prop.run()
+    compute = {n for op in prop.ops for n in op.nodes}
+    found = find_blocks(gm, prop.info, compute)
+    steps = dict(steps or {})
+    if source is None:
+        source = getattr(model, "_mdprune_source", None)
+    return _assemble(gm, prop, found, compute, steps, ignored, inputs, source)
+
+
+def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], compute: set[str],
+              steps: dict[str, int], ignored: tuple[str, ...], inputs: tuple[torch.Tensor, ...],
+              source: Mapping[str, Any] | None) -> PruningSpace:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    state = dict(gm.state_dict(keep_vars=True))
+
+    # dimensions: one per union-find root, named after its first producer
+    roots = sorted({prop.find(i) for i in range(len(prop.parent))})
+    embeds = [r for r in roots if prop.spaces[r].normalized]
+    names: dict[int, str] = {}
+    used: set[str] = set()
+    for r in roots:
+        base = "embed" if len(embeds) == 1 and r == embeds[0] else prop.spaces[r].name
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}#{k}", k + 1
+        used.add(name)
+        names[r] = name
+
+    def seg(s: RawSeg) -> Seg:
+        return Seg(tuple(names[prop.find(i)] for i in s.spaces), s.inner)
+
+    def segs(ss: tuple[RawSeg, ...]) -> tuple[Seg, ...]:
+        return tuple(seg(s) for s in ss)
+
+    # blocks
+    blocks: dict[str, Block] = {}
+    tensor_block: dict[str, str] = {}
+    node_block: dict[str, str] = {}
+    calls: dict[str, set[str]] = {}  # module -> the nodes that call it (a module may be called twice)
+    for n in nodes.values():
+        if n.op == "call_module":
+            calls.setdefault(n.target, set()).add(n.name)
+    for fb, name in zip(found, _block_names(found, nodes, compute), strict=True):
+        modules = sorted({nodes[n].target for n in fb.region if nodes[n].op == "call_module"
+                          and calls[nodes[n].target] <= fb.region})
+        tensors = [k for k in state if any(k.startswith(m + ".") for m in modules)]
+        tensors += [nodes[n].target for n in fb.region if nodes[n].op == "get_attr"]
+        protected = None
+        if any(m == i or m.startswith(i + ".") for m in modules for i in ignored):
+            protected = "holds an ignored layer"
+        blocks[name] = Block(name, modules, tensors, fb.shortcut_kind, fb.add, fb.branch, fb.shortcut, protected)
+        for t in tensors:
+            tensor_block[t] = name
+        for n in fb.region:
+            node_block[n] = name
+
+    tensors: dict[str, TensorAxes] = {}
+    for t, axes in prop.bindings.items():
+        shape = tuple(state[t].shape) if t in state else tuple(gm.get_parameter(t).shape)
+        tensors[t] = TensorAxes(t, shape, {a: segs(s) for a, s in axes.items()}, tensor_block.get(t))
+
+    dims: dict[str, Dimension] = {}
+    for r in roots:
+        info, name = prop.spaces[r], names[r]
+        kind = "embed" if info.normalized else info.kind
+        step = steps.get(name, steps.get(kind, DEFAULT_STEPS.get(kind, 1)))
+        reasons = list(dict.fromkeys(info.protected))
+        dims[name] = Dimension(name, kind, info.size, step, protected="; ".join(reasons) or None)
+    for d in dims.values():  # a dimension lies in a block when all its tensors do
+        owners = {t.block for t in tensors.values() for ss in t.axes.values() for s in ss if d.name in s.dims}
+        if len(owners) == 1:
+            d.block = owners.pop()
+
+    ops = [Op(o.name, o.kind, {r: segs(s) for r, s in o.roles.items()}, o.fixed, node_block.get(o.nodes[0]))
+           for o in prop.ops]
+    return PruningSpace(
+        module=gm,
+        dims=dims,
+        blocks=blocks,
+        ops=ops,
+        tensors=tensors,
+        patches=[Patch(p.node, p.arg_index, segs(p.segs)) for p in prop.patches],
+        normalized={m: segs(s) for m, s in prop.normalized.items()},
+        attention={m: {"kind": a["kind"], **{k: names[prop.find(a[k])] for k in ("heads", "qk", "v")}}
+                   for m, a in prop.attention.items()},
+        input_shapes=[tuple(x.shape) for x in inputs],
+        source=dict(source) if source is not None else None,
+        options={"steps": steps, "ignored_layers": list(ignored)},
+    )
+
+
+def _block_names(found: list[FoundBlock], nodes: dict[str, Any], compute: set[str]) -> list[str]:
+    """Name each block by the module path its branch lives in (e.g. ``layer1.0``, ``blocks.3.mlp``)."""
+    order = list(nodes)
+    regions = [sorted(fb.region, key=order.index) for fb in found]
+    prefixes = [_common_prefix([nodes[n].target for n in r if nodes[n].op == "call_module"]) for r in regions]
+    names = []
+    for i, (region, pre) in enumerate(zip(regions, prefixes, strict=True)):
+        name = pre or f"block{i}"
+        if prefixes.count(pre) > 1:  # several branches in one module: name each by its first compute op
+            first = next(nodes[n].target for n in region if n in compute)
+            rest = first[len(pre) + 1:] if pre else first
+            name = f"{pre}.{rest.split('.')[0]}" if pre else rest.split(".")[0]
+        names.append(name)
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+def _common_prefix(mods: list[str]) -> str:
+    if not mods:
+        return ""
+    parts = [m.split(".") for m in mods]
+    common = os.path.commonprefix(parts)
+    return ".".join(common)

@@ -1,0 +1,227 @@
+"""Channel coupling: walk the traced graph once and find which tensor slices must be pruned together.
+
+Every op that creates channels (a convolution, a linear layer, an attention module, a model input) opens a
+new *space*; ops that tie channels together (residual additions, depthwise convolutions, BatchNorm, cat on a
+non-channel axis, broadcasting with a parameter) merge spaces in a union-find. Each parameter axis that
+pruning changes is *bound* to the segments of the channels it touches. At the end every union-find root is
+one :class:`~mdprune.space.space.Dimension`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from .attention import attention_adapter
+from .errors import AnalysisError, where
+from .functions import function_rule
+from .modules import module_rule
+from .values import Chan, ParamRef, RawSeg, Several
+
+
+@dataclass
+class SpaceInfo:
+    size: int
+    kind: str
+    name: str
+    protected: list[str] = field(default_factory=list)
+    normalized: bool = False
+
+
+@dataclass
+class RawOp:
+    name: str
+    kind: str
+    roles: dict[str, tuple[RawSeg, ...]]
+    fixed: dict[str, Any]
+    nodes: tuple[str, ...]  # fx nodes the op belongs to (for block membership)
+
+
+@dataclass
+class RawPatch:
+    node: str
+    arg_index: int
+    segs: tuple[RawSeg, ...]
+
+
+class Propagation:
+    """Runs the channel rules over ``gm``'s graph. Rules call back into :meth:`new_space`, :meth:`bind`, ..."""
+
+    def __init__(self, gm: fx.GraphModule, ignored: tuple[str, ...] = ()):
+        self.gm = gm
+        self.ignored = ignored
+        self.parent: list[int] = []
+        self.spaces: list[SpaceInfo] = []
+        self.bindings: dict[str, dict[int, tuple[RawSeg, ...]]] = {}
+        self.tensor_node: dict[str, str] = {}  # tensor -> node that uses it (call_module or get_attr)
+        self.ops: list[RawOp] = []
+        self.patches: list[RawPatch] = []
+        self.normalized: dict[str, tuple[RawSeg, ...]] = {}
+        self.attention: dict[str, dict[str, int]] = {}
+        self.info: dict[str, Any] = {}
+        self.batch = 1
+
+    # ---- union-find --------------------------------------------------------------------------------------
+    def new_space(self, size: int, kind: str, name: str, protected: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.spaces.append(SpaceInfo(size, kind, name, [protected] if protected else []))
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def _union(self, a: int, b: int, node: fx.Node) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        sa, sb = self.spaces[ra], self.spaces[rb]
+        if sa.size != sb.size:
+            raise AnalysisError(
+                f"{where(node)} ties channels of sizes {sa.size} ({sa.name}) and {sb.size} ({sb.name})")
+        keep, drop = (ra, rb) if ra < rb else (rb, ra)  # the earliest space names the group
+        self.parent[drop] = keep
+        k, d = self.spaces[keep], self.spaces[drop]
+        k.protected += d.protected
+        k.normalized = k.normalized or d.normalized
+        k.kind = _merge_kind(k.kind, d.kind)
+
+    def unify(self, a: tuple[RawSeg, ...], b: tuple[RawSeg, ...], node: fx.Node) -> None:
+        """Tie two segment lists element by element (they must have the same structure)."""
+        if a == b:
+            return
+        same = len(a) == len(b) and all(
+            len(x.spaces) == len(y.spaces) and x.inner == y.inner for x, y in zip(a, b, strict=True))
+        if not same:
+            raise AnalysisError(f"{where(node)} combines channel layouts mdprune cannot align: "
+                                f"{self.describe(a)} and {self.describe(b)}")
+        for x, y in zip(a, b, strict=True):
+            for i, j in zip(x.spaces, y.spaces, strict=True):
+                self._union(i, j, node)
+
+    def protect(self, segs: tuple[RawSeg, ...], reason: str) -> None:
+        for s in segs:
+            for i in s.spaces:
+                self.spaces[self.find(i)].protected.append(reason)
+
+    def size(self, i: int) -> int:
+        return self.spaces[self.find(i)].size
+
+    def width(self, segs: tuple[RawSeg, ...]) -> int:
+        return sum(math.prod(self.size(i) for i in s.spaces) * s.inner for s in segs)
+
+    def describe(self, segs: tuple[RawSeg, ...]) -> str:
+        return " + ".join("x".join(self.spaces[self.find(i)].name for i in s.spaces) for s in segs)
+
+    # ---- records made by the rules -----------------------------------------------------------------------
+    def bind(self, tensor: str, axis: int, segs: tuple[RawSeg, ...], node: fx.Node) -> None:
+        """Record that ``tensor``'s axis ``axis`` is made of ``segs`` (tying it if bound already)."""
+        axes = self.bindings.setdefault(tensor, {})
+        if axis in axes:
+            self.unify(axes[axis], segs, node)
+        else:
+            axes[axis] = segs
+        self.tensor_node.setdefault(tensor, node.name)
+
+    def add_op(self, name: str, kind: str, roles: dict[str, tuple[RawSeg, ...]], fixed: dict[str, Any],
+               node: fx.Node) -> None:
+        self.ops.append(RawOp(name, kind, roles, fixed, (node.name,)))
+
+    def patch(self, node: fx.Node, arg_index: int, segs: tuple[RawSeg, ...]) -> None:
+        self.patches.append(RawPatch(node.name, arg_index, segs))
+
+    # ---- walking -----------------------------------------------------------------------------------------
+    def value(self, a: Any) -> Any:
+        """Analysis value of an fx argument (None for constants and channel-free tensors)."""
+        if isinstance(a, fx.Node):
+            return self.info.get(a.name)
+        return None
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.info[node.name] = self._visit(node)
+
+    def _visit(self, node: fx.Node) -> Any:
+        shape = node.meta.get("mdp_shape")
+        if node.op == "placeholder":
+            return self._input(node, shape)
+        if node.op == "get_attr":
+            return ParamRef(node.target, tuple(range(len(shape)))) if isinstance(shape, tuple) else None
+        if node.op == "output":
+            self._output(node.args[0])
+            return None
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            if node.target in self.ignored:
+                return self._opaque(node, shape)
+            adapter = attention_adapter(m)
+            if adapter is not None:
+                return adapter.analyse(self, node, m)
+            rule = module_rule(m)
+            if rule is None:
+                raise AnalysisError(
+                    f"mdprune cannot analyse {where(node)} of type {type(m).__name__}: it does not know how "
+                    f"this layer treats channels. Pass ignored_layers=['{node.target}'] to keep it (and every "
+                    "channel it touches) unpruned.")
+            return rule(self, node, m)
+        return function_rule(self, node)
+
+    def _input(self, node: fx.Node, shape: Any) -> Any:
+        if not isinstance(shape, tuple) or len(shape) < 2:
+            return None
+        self.batch = shape[0]
+        axis = 1 if len(shape) == 4 else len(shape) - 1
+        name = "input" if not self.info else f"input.{node.name}"
+        sid = self.new_space(shape[axis], "input", name, protected="model input")
+        return Chan(axis, (RawSeg((sid,)),))
+
+    def _output(self, out: Any) -> None:
+        for v in _flatten(out):
+            info = self.value(v)
+            for c in _chans(info):
+                self.protect(c.segs, "model output")
+
+    def _opaque(self, node: fx.Node, shape: Any) -> Any:
+        """An ignored layer: every channel entering or leaving it is kept whole."""
+        for a in _flatten((node.args, node.kwargs)):
+            for c in _chans(self.value(a)):
+                self.protect(c.segs, f"ignored layer {node.target}")
+
+        def out(s: Any) -> Any:
+            if not isinstance(s, tuple) or len(s) < 2:
+                return None
+            axis = 1 if len(s) == 4 else len(s) - 1
+            sid = self.new_space(s[axis], "channel", f"{node.target}:out", f"ignored layer {node.target}")
+            return Chan(axis, (RawSeg((sid,)),))
+
+        if isinstance(shape, list):
+            return Several(tuple(out(s) for s in shape))
+        return out(shape)
+
+
+_KIND_ORDER = ("embed", "heads", "qk", "v", "mlp", "channel", "linear", "input")
+
+
+def _merge_kind(a: str, b: str) -> str:
+    return a if _KIND_ORDER.index(a) <= _KIND_ORDER.index(b) else b
+
+
+def _flatten(x: Any) -> list[Any]:
+    if isinstance(x, (list, tuple)):
+        return [y for v in x for y in _flatten(v)]
+    if isinstance(x, dict):
+        return [y for v in x.values() for y in _flatten(v)]
+    return [x]
+
+
+def _chans(info: Any) -> list[Chan]:
+    if isinstance(info, Chan):
+        return [info]
+    if isinstance(info, Several):
+        return [c for i in info.items for c in _chans(i)]
+    return []

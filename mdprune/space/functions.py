@@ -1,0 +1,390 @@
+"""Channel rules for functions and tensor methods in the traced graph (add, cat, flatten, reshape, ...).
+
+Each rule maps the analysis values of a node's inputs to the value of its output. An op that touches
+channels and has no rule is an error that names it: mdprune never guesses.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+
+from .errors import AnalysisError, where
+from .values import Chan, ParamRef, Several
+
+if TYPE_CHECKING:
+    from .channels import Propagation
+
+# Element-wise, shape-preserving ops: channels map to themselves.
+UNARY = {
+    "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
+    "leaky_relu", "elu", "mish", "softplus", "dropout", "contiguous", "clone", "detach", "float", "half",
+    "bfloat16", "to", "type_as", "neg", "abs", "exp", "sqrt", "rsqrt", "square", "pow", "sigmoid_",
+    "clamp", "clamp_min", "clamp_max", "identity",
+}
+BINARY = {"add", "iadd", "add_", "sub", "isub", "sub_", "mul", "imul", "mul_", "truediv", "div", "div_"}
+# Spatial ops on NCHW tensors: channels stay on axis 1.
+SPATIAL = {
+    "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "interpolate", "pad",
+    "upsample", "upsample_bilinear", "upsample_nearest",
+}
+REDUCE = {"mean", "sum", "amax", "amin", "nanmean"}
+# Ops that never produce tensors carrying channels (shape queries, checks).
+SHAPE = {"size", "dim", "numel", "getattr", "eq", "ne", "lt", "le", "gt", "ge", "_assert", "len",
+         "floordiv", "mod", "is_floating_point"}
+
+
+def op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if node.target is operator.getitem:
+        return "getitem"
+    name = getattr(node.target, "__name__", str(node.target))
+    return {"_assert": "_assert", "cat": "cat", "concat": "cat", "concatenate": "cat"}.get(name, name)
+
+
+def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(key, default)
+
+
+def _shape(a: Any) -> tuple[int, ...] | None:
+    if isinstance(a, fx.Node):
+        s = a.meta.get("mdp_shape")
+        return s if isinstance(s, tuple) else None
+    return None
+
+
+def _touches_channels(prop: Propagation, node: fx.Node) -> bool:
+    found = []
+
+    def visit(a: Any) -> Any:
+        v = prop.value(a)
+        if isinstance(v, (Chan, ParamRef, Several)):
+            found.append(a)
+        return a
+
+    fx.node.map_arg((node.args, node.kwargs), visit)
+    return bool(found)
+
+
+def function_rule(prop: Propagation, node: fx.Node) -> Any:
+    """Analysis value of a call_function / call_method node."""
+    name = op_name(node)
+    rule = _RULES.get(name)
+    if rule is not None:
+        return rule(prop, node)
+    if name in UNARY:
+        return prop.value(node.args[0])
+    if name in SHAPE:
+        return None
+    if not _touches_channels(prop, node):
+        return None  # computation that never sees channels (positions, masks, shapes)
+    raise AnalysisError(
+        f"mdprune does not know how {where(node)} treats channels. Pass the enclosing module in "
+        "ignored_layers to keep it (and every channel it touches) unpruned.")
+
+
+# ---- helpers shared with module rules ------------------------------------------------------------------------
+
+def elementwise_along(prop: Propagation, node: fx.Node, arg: Any, dim: int | None) -> Any:
+    """An op that mixes values along ``dim`` (softmax, ...): fine unless ``dim`` is the channel axis."""
+    v = prop.value(arg)
+    shape = _shape(arg)
+    if isinstance(v, Chan) and dim is not None and dim % len(shape) == v.axis:
+        raise AnalysisError(f"{where(node)} mixes values across channels (dim={dim})")
+    if isinstance(v, ParamRef):
+        raise AnalysisError(f"{where(node)} applies to parameter {v.tensor}; not supported")
+    return v
+
+
+def flatten_value(prop: Propagation, node: fx.Node, arg: Any, start: int, end: int) -> Any:
+    v, shape = prop.value(arg), _shape(arg)
+    if not isinstance(v, (Chan, ParamRef)):
+        return None
+    n = len(shape)
+    start, end = start % n, end % n
+    if isinstance(v, ParamRef):
+        if any(shape[i] != 1 for i in range(start, end + 1) if v.axes[i] is not None):
+            raise AnalysisError(f"{where(node)} flattens parameter {v.tensor}; not supported")
+        axes = v.axes[:start] + (None,) + v.axes[end + 1:]
+        return ParamRef(v.tensor, axes)
+    if v.axis < start:
+        return v
+    if v.axis > end:
+        return v.moved(v.axis - (end - start))
+    if any(shape[i] != 1 for i in range(start, v.axis)):
+        raise AnalysisError(f"{where(node)} flattens axes before the channel axis into it; not supported")
+    return Chan(start, v.widened(math.prod(shape[v.axis + 1:end + 1])).segs)
+
+
+def _norm_dims(d: Any, n: int) -> list[int]:
+    if d is None:
+        return list(range(n))
+    if isinstance(d, int):
+        return [d % n]
+    return [x % n for x in d]
+
+
+# ---- rules -------------------------------------------------------------------------------------------------
+
+def _binary(prop: Propagation, node: fx.Node) -> Any:
+    a, b = node.args[0], _arg(node, 1, "other")
+    va, vb, sa, sb = prop.value(a), prop.value(b), _shape(a), _shape(b)
+    out = node.meta.get("mdp_shape")
+    if isinstance(va, Chan) and isinstance(vb, Chan):
+        if len(sa) - va.axis != len(sb) - vb.axis:
+            raise AnalysisError(f"{where(node)} combines tensors whose channels are on different axes")
+        prop.unify(va.segs, vb.segs, node)
+        return va.moved(len(out) - (len(sa) - va.axis))
+    if isinstance(vb, Chan):
+        va, vb, sa, sb = vb, va, sb, sa
+    if isinstance(va, Chan):
+        back = len(sa) - va.axis  # channel axis counted from the right
+        if sb is not None and back <= len(sb) and sb[-back] != 1:
+            j = len(sb) - back
+            if not isinstance(vb, ParamRef) or vb.axes[j] is None:
+                raise AnalysisError(f"{where(node)} combines channels with a tensor mdprune cannot follow")
+            prop.bind(vb.tensor, vb.axes[j], va.segs, node)
+        return va.moved(len(out) - back)
+    if isinstance(va, ParamRef) or isinstance(vb, ParamRef):
+        p = va if isinstance(va, ParamRef) else vb
+        s = sa if isinstance(va, ParamRef) else sb
+        other = sb if isinstance(va, ParamRef) else sa
+        if other is None and s == out:  # parameter times a number: still the same parameter view
+            return p
+        raise AnalysisError(f"{where(node)} combines parameter {p.tensor} with another tensor; not supported")
+    return None
+
+
+def _cat(prop: Propagation, node: fx.Node) -> Any:
+    tensors = _arg(node, 0, "tensors")
+    dim = _arg(node, 1, "dim", 0)
+    vals = [prop.value(t) for t in tensors]
+    shapes = [_shape(t) for t in tensors]
+    n = len(shapes[0])
+    dim %= n
+    chans = [(v, s) for v, s in zip(vals, shapes, strict=True) if isinstance(v, Chan)]
+    if not chans:
+        if any(isinstance(v, ParamRef) for v in vals):
+            raise AnalysisError(f"{where(node)} concatenates parameters; not supported")
+        return None
+    axis = chans[0][0].axis
+    if all(isinstance(v, Chan) and v.axis == dim for v in vals):
+        return Chan(dim, tuple(s for v in vals for s in v.segs))
+    if axis == dim or any(v.axis != axis for v, _ in chans):
+        raise AnalysisError(f"{where(node)} concatenates along channels with inputs mdprune cannot follow")
+    for v, _ in chans[1:]:
+        prop.unify(chans[0][0].segs, v.segs, node)
+    for v in vals:
+        if isinstance(v, ParamRef):
+            prop.bind(v.tensor, v.axes[axis], chans[0][0].segs, node)
+        elif not isinstance(v, Chan):
+            raise AnalysisError(f"{where(node)} concatenates channels with a tensor mdprune cannot follow")
+    return chans[0][0]
+
+
+def _flatten(prop: Propagation, node: fx.Node) -> Any:
+    return flatten_value(prop, node, node.args[0], _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+
+
+def _shape_args(node: fx.Node) -> list[Any]:
+    rest = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        return list(rest[0])
+    return rest
+
+
+def _groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pair the non-1 axes of shapes ``a`` and ``b`` into groups with equal products (a reshape's map)."""
+    ia = [i for i, s in enumerate(a) if s != 1]
+    ib = [i for i, s in enumerate(b) if s != 1]
+    groups, i, j = [], 0, 0
+    while i < len(ia) and j < len(ib):
+        ga, gb, pa, pb = [ia[i]], [ib[j]], a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                ga.append(ia[i])
+                pa *= a[ia[i]]
+                i += 1
+            else:
+                gb.append(ib[j])
+                pb *= b[ib[j]]
+                j += 1
+        groups.append((ga, gb))
+    return groups
+
+
+def _reshape(prop: Propagation, node: fx.Node) -> Any:
+    v, src = prop.value(node.args[0]), _shape(node.args[0])
+    out = node.meta.get("mdp_shape")
+    if not isinstance(v, (Chan, ParamRef)):
+        return None
+    groups = _groups(src, out)
+    if isinstance(v, ParamRef):
+        axes: list[int | None] = [None] * len(out)
+        for ga, gb in groups:
+            if len(ga) != 1 or len(gb) != 1:
+                raise AnalysisError(f"{where(node)} reshapes parameter {v.tensor} across axes; not supported")
+            axes[gb[0]] = v.axes[ga[0]]
+        return ParamRef(v.tensor, tuple(axes))
+    if src[v.axis] == 1:
+        raise AnalysisError(f"{where(node)} reshapes a single-channel axis; not supported")
+    ga, gb = next((ga, gb) for ga, gb in groups if v.axis in ga)
+    if len(gb) != 1 or ga[0] != v.axis:
+        raise AnalysisError(f"{where(node)} splits or interleaves the channel axis; not supported")
+    new = Chan(gb[0], v.widened(math.prod(src[i] for i in ga[1:])).segs)
+    args = _shape_args(node)
+    if len(args) == len(out) and isinstance(args[gb[0]], int) and args[gb[0]] != -1:
+        prop.patch(node, gb[0], new.segs)  # a literal width in the code: rewritten when slimming
+    return new
+
+
+def _permute_value(v: Any, order: list[int]) -> Any:
+    if isinstance(v, Chan):
+        return v.moved(order.index(v.axis))
+    if isinstance(v, ParamRef):
+        return ParamRef(v.tensor, tuple(v.axes[i] for i in order))
+    return None
+
+
+def _transpose(prop: Propagation, node: fx.Node) -> Any:
+    src = _shape(node.args[0])
+    if src is None:
+        return None
+    n = len(src)
+    d0, d1 = _arg(node, 1, "dim0") % n, _arg(node, 2, "dim1") % n
+    order = list(range(n))
+    order[d0], order[d1] = order[d1], order[d0]
+    return _permute_value(prop.value(node.args[0]), order)
+
+
+def _permute(prop: Propagation, node: fx.Node) -> Any:
+    src = _shape(node.args[0])
+    dims = node.args[1:] if len(node.args) > 2 or isinstance(node.args[1], int) else node.args[1]
+    dims = dims or node.kwargs.get("dims")
+    return _permute_value(prop.value(node.args[0]), [d % len(src) for d in dims])
+
+
+def _unsqueeze(prop: Propagation, node: fx.Node) -> Any:
+    v, out = prop.value(node.args[0]), node.meta["mdp_shape"]
+    d = _arg(node, 1, "dim") % len(out)
+    if isinstance(v, Chan):
+        return v.moved(v.axis + (1 if d <= v.axis else 0))
+    if isinstance(v, ParamRef):
+        return ParamRef(v.tensor, v.axes[:d] + (None,) + v.axes[d:])
+    return None
+
+
+def _squeeze(prop: Propagation, node: fx.Node) -> Any:
+    v, src = prop.value(node.args[0]), _shape(node.args[0])
+    if not isinstance(v, (Chan, ParamRef)):
+        return None
+    dims = _arg(node, 1, "dim")
+    gone = [i for i in _norm_dims(dims, len(src)) if src[i] == 1]
+    if isinstance(v, Chan):
+        if v.axis in gone:
+            raise AnalysisError(f"{where(node)} squeezes the channel axis")
+        return v.moved(v.axis - sum(1 for g in gone if g < v.axis))
+    return ParamRef(v.tensor, tuple(a for i, a in enumerate(v.axes) if i not in gone))
+
+
+def _expand(prop: Propagation, node: fx.Node) -> Any:
+    v, src, out = prop.value(node.args[0]), _shape(node.args[0]), node.meta["mdp_shape"]
+    lead = len(out) - len(src)
+    if isinstance(v, Chan):
+        return v.moved(v.axis + lead)
+    if isinstance(v, ParamRef):
+        return ParamRef(v.tensor, (None,) * lead + v.axes)
+    return None
+
+
+def _getitem(prop: Propagation, node: fx.Node) -> Any:
+    base, idx = node.args
+    v = prop.value(base)
+    if isinstance(v, Several):
+        return v.items[idx]
+    if not isinstance(v, (Chan, ParamRef)):
+        return None
+    src = _shape(base)
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in idx):
+        raise AnalysisError(f"{where(node)} indexes channels with a tensor; not supported")
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for i in idx:
+        if i is Ellipsis:
+            expanded += [slice(None)] * (len(src) - n_real)
+        else:
+            expanded.append(i)
+    expanded += [slice(None)] * (len(src) - sum(1 for i in expanded if i is not None))
+    axes_out: list[int | None] = []  # for each output axis: the source axis (None: added)
+    k = 0
+    for i in expanded:
+        if i is None:
+            axes_out.append(None)
+            continue
+        if isinstance(i, slice):
+            axes_out.append(k)
+            if isinstance(v, Chan) and k == v.axis and i != slice(None):
+                raise AnalysisError(f"{where(node)} slices the channel axis; not supported")
+        elif isinstance(v, Chan) and k == v.axis:
+            raise AnalysisError(f"{where(node)} picks single channels; not supported")
+        k += 1
+    if isinstance(v, Chan):
+        return v.moved(axes_out.index(v.axis))
+    return ParamRef(v.tensor, tuple(None if a is None else v.axes[a] for a in axes_out))
+
+
+def _reduce(prop: Propagation, node: fx.Node) -> Any:
+    v, src = prop.value(node.args[0]), _shape(node.args[0])
+    if not isinstance(v, Chan):
+        return None if not isinstance(v, ParamRef) else _fail(node, "reduces a parameter")
+    dims = _norm_dims(_arg(node, 1, "dim"), len(src))
+    keep = _arg(node, 2, "keepdim", False)
+    if v.axis in dims:
+        raise AnalysisError(f"{where(node)} reduces over the channel axis")
+    return v if keep else v.moved(v.axis - sum(1 for d in dims if d < v.axis))
+
+
+def _spatial(prop: Propagation, node: fx.Node) -> Any:
+    v = prop.value(node.args[0])
+    if isinstance(v, Chan) and (v.axis != 1 or len(_shape(node.args[0])) != 4):
+        raise AnalysisError(f"{where(node)} expects NCHW channels on axis 1")
+    return v
+
+
+def _softmax(prop: Propagation, node: fx.Node) -> Any:
+    return elementwise_along(prop, node, node.args[0], _arg(node, 1, "dim"))
+
+
+def _fail(node: fx.Node, what: str) -> Any:
+    raise AnalysisError(f"{where(node)} {what}; not supported")
+
+
+_RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
+    **dict.fromkeys(BINARY, _binary),
+    **dict.fromkeys(SPATIAL, _spatial),
+    **dict.fromkeys(REDUCE, _reduce),
+    "cat": _cat,
+    "flatten": _flatten,
+    "reshape": _reshape,
+    "view": _reshape,
+    "transpose": _transpose,
+    "swapaxes": _transpose,
+    "permute": _permute,
+    "unsqueeze": _unsqueeze,
+    "squeeze": _squeeze,
+    "expand": _expand,
+    "expand_as": _expand,
+    "getitem": _getitem,
+    "softmax": _softmax,
+    "log_softmax": _softmax,
+}

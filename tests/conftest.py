@@ -1,0 +1,58 @@
+"""Shared helpers: the models under test, built small so the suite stays fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mdprune
+
+torch.set_num_threads(1)
+
+# name -> (builder spec, constructor kwargs, input shape, analysis steps)
+MODELS = {
+    "resnet18": ("resnet18", {"num_classes": 10}, (2, 3, 32, 32), None),
+    "resnet50": ("resnet50", {"num_classes": 10}, (2, 3, 32, 32), None),
+    "resnet101": ("resnet101", {"num_classes": 10}, (1, 3, 32, 32), None),
+    "mobilenet_v2": ("mobilenet_v2", {"num_classes": 10}, (2, 3, 32, 32), None),
+    "vgg16_bn": ("vgg16_bn", {"num_classes": 10}, (1, 3, 32, 32), None),
+    "deit_tiny": ("deit_tiny_patch16_224", {"img_size": 32, "num_classes": 10}, (2, 3, 32, 32), None),
+    "deit_small": ("deit_small_patch16_224", {"img_size": 32, "num_classes": 10}, (2, 3, 32, 32), None),
+    "deit_base": ("deit_base_patch16_224", {"img_size": 32, "num_classes": 10}, (1, 3, 32, 32), None),
+    "vit_small": ("vit_small_patch16_224", {"img_size": 32, "num_classes": 10}, (2, 3, 32, 32), None),
+    "tiny_cnn": ("tests.models:tiny_cnn", {}, (2, 3, 8, 8), {"channel": 4}),
+    "tiny_vit": ("tests.models:tiny_vit", {}, (2, 3, 16, 16), {"embed": 8, "mlp": 16, "qk": 2, "v": 2}),
+}
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give norms non-trivial statistics and affine parameters, so that masking errors would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and m.weight is not None:
+                m.weight.normal_(1.0, 0.3, generator=g)
+                m.bias.normal_(0.0, 0.3, generator=g)
+    return model
+
+
+def build(key: str) -> tuple[nn.Module, torch.Tensor, mdprune.PruningSpace]:
+    name, kwargs, shape, steps = MODELS[key]
+    torch.manual_seed(0)
+    model = randomize_norms(mdprune.create_model(name, **kwargs)).eval()
+    x = torch.randn(shape)
+    return model, x, mdprune.analyze(model, x, steps=steps)
+
+
+@pytest.fixture(scope="session")
+def resnet18():
+    return build("resnet18")
+
+
+@pytest.fixture(scope="session")
+def deit_tiny():
+    return build("deit_tiny")

@@ -1,0 +1,36 @@
+"""The mdprune command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from mdprune.cli import main
+
+
+def test_inspect_prints_dimensions_blocks_and_ops(capsys, tmp_path):
+    out_json = tmp_path / "space.json"
+    assert main(["inspect", "resnet18", "--input-size", "32", "--num-classes", "10", "--ops",
+                 "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "Dimensions" in text and "Blocks" in text and "Ops" in text and "layer4.1" in text
+    data = json.loads(out_json.read_text())
+    assert data["summary"]["removable_blocks"] == 8
+    assert any(o["name"] == "layer1.0.conv1" and o["kind"] == "conv2d" for o in data["ops"])
+
+
+def test_inspect_vit_with_model_args(capsys):
+    assert main(["inspect", "deit_tiny_patch16_224", "--input-size", "32", "--step", "embed=32"]) == 0
+    text = capsys.readouterr().out
+    assert "blocks.0.attn.heads" in text and "embed" in text
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["inspect", "no_such_model_xyz"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "mdprune", "--help"], capture_output=True, text=True, check=True)
+    assert "inspect" in r.stdout
