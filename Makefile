@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+FASHION = /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
 demo: $(STAMP)
-	$(VENV)/bin/mdprune inspect resnet50
+	@if [ ! -e $(FASHION) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+		|| echo "apt-get could not install dataset-fashion-mnist: the demo uses scikit-learn's digits"; fi
+	$(VENV)/bin/mdprune demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check mdprune tests bench

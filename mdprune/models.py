@@ -21,9 +21,10 @@ class ModelError(ValueError):
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build ``name`` with random weights.
 
-    ``name`` is a torchvision model (``resnet50``), a timm model (``deit_small_patch16_224``), either with an
-    explicit prefix (``torchvision:resnet50``, ``timm:vit_small_patch16_224``), or a user function
-    ``package.module:function``. Keyword arguments go to the constructor (``num_classes=10``, ``img_size=32``).
+    ``name`` is a built-in small model (``small_resnet18``, ``small_vit``: see :mod:`mdprune.zoo`), a
+    torchvision model (``resnet50``), a timm model (``deit_small_patch16_224``), either with an explicit prefix
+    (``torchvision:resnet50``, ``timm:vit_small_patch16_224``), or a user function ``package.module:function``.
+    Keyword arguments go to the constructor (``num_classes=10``, ``img_size=32``).
     """
     model = _build(name, kwargs)
     model._mdprune_source = {"name": name, "kwargs": dict(kwargs)}
@@ -31,6 +32,10 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    from .zoo import ZOO
+
+    if name in ZOO:
+        return ZOO[name](**kwargs)
     prefix, _, rest = name.partition(":")
     if rest and prefix not in ("torchvision", "timm"):
         try:

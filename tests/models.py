@@ -88,6 +88,13 @@ class OddOp(nn.Module):
         return torch.sort(x, dim=1).values
 
 
+def sorts_channels(num_classes: int = 10, in_chans: int = 1) -> SortsChannels:
+    m = SortsChannels()
+    m.conv = nn.Conv2d(in_chans, 8, 3)
+    m.fc = nn.Linear(8, num_classes)
+    return m
+
+
 def tiny_cnn(num_classes: int = 10) -> TinyCNN:
     return TinyCNN(num_classes)
 

@@ -42,8 +42,10 @@ def test_deit_dimensions_and_blocks(deit_tiny):
     qkv = space.tensors["blocks.0.attn.qkv.weight"].axes[0]
     assert [s.dims[1] for s in qkv] == ["blocks.0.attn.qk", "blocks.0.attn.qk", "blocks.0.attn.v"]
     assert space.tensors["cls_token"].axes == {2: (Seg(("embed",)),)}
-    kinds_ops = [o.kind for o in space.ops if o.block == "blocks.0.attn"]
+    kinds_ops = [o.kind for o in space.ops if o.block == "blocks.0.attn" and o.kind != "node"]
     assert kinds_ops == ["linear", "linear", "linear", "attention", "linear"]
+    nodes = {o.fixed["target"] for o in space.ops if o.block == "blocks.0.attn" and o.kind == "node"}
+    assert nodes == {"LayerNorm", "operator.add"}  # the branch's norm and the residual addition
 
 
 def test_tiny_cnn_concat_depthwise_and_flatten():

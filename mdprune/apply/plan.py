@@ -47,6 +47,12 @@ class Plan:
         return cls(keep, sorted(removed))
 
     @classmethod
+    def uniform(cls, space: PruningSpace, ratio: float) -> Plan:
+        """Every prunable dimension keeps the allowed width closest to ``ratio`` of its size (first elements)."""
+        sizes = {d.name: min(d.widths(), key=lambda w: abs(w - ratio * d.size)) for d in space.prunable_dims()}
+        return cls.from_sizes(space, sizes)
+
+    @classmethod
     def random(cls, space: PruningSpace, seed: int = 0, block_prob: float = 0.3) -> Plan:
         """A random plan: random allowed width and random elements per dimension, random removed blocks."""
         rng = np.random.default_rng(seed)

@@ -49,9 +49,12 @@ def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.
         shortcut = nodes[blk.shortcut_node]
         shortcut = replaced.get(shortcut.name, shortcut)
         add = nodes[blk.add_node]
+        users = list(add.users)
         add.replace_all_uses_with(shortcut)
         graph.erase_node(add)
         replaced[add.name] = shortcut
+        for u in users:  # an in-place op on the sum would now overwrite the shortcut's tensor
+            _not_inplace(gm, u)
     graph.eliminate_dead_code()
 
     with torch.no_grad():
@@ -77,6 +80,18 @@ def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.
         "options": space.options,
     }
     return gm
+
+
+def _not_inplace(gm: fx.GraphModule, node: fx.Node) -> None:
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if getattr(m, "inplace", False):
+            m.inplace = False
+    elif node.kwargs.get("inplace"):
+        node.kwargs = {**node.kwargs, "inplace": False}
+    elif node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+            and not node.target.endswith("__"):
+        node.target = node.target[:-1]  # relu_ -> relu
 
 
 def _get_tensor(root: nn.Module, name: str) -> torch.Tensor:

@@ -11,7 +11,9 @@ import torch.fx as fx
 from torch import nn
 
 from .blocks import FoundBlock, find_blocks
-from .channels import Propagation
+from .channels import Propagation, RawOp
+from .epilogue import epilogue
+from .nodes import node_op
 from .space import DEFAULT_STEPS, Block, Dimension, Op, Patch, PruningSpace, Seg, TensorAxes
 from .trace import record_shapes, trace
 from .values import RawSeg
@@ -45,7 +47,17 @@ def analyze(
     record_shapes(gm, inputs)
     prop = Propagation(gm, ignored)
     prop.run()
-    compute = {n for op in prop.ops for n in op.nodes}
+    for op in prop.ops:
+        node = next(n for n in gm.graph.nodes if n.name == op.nodes[0])
+        if op.kind in ("conv2d", "linear") and node.op == "call_module" and node.target == op.name:
+            op.fixed["epilogue"], covered = epilogue(gm, node)
+            op.nodes = op.nodes + covered
+    compute = {op.nodes[0] for op in prop.ops}
+    covered = {n for op in prop.ops for n in op.nodes}
+    for node in gm.graph.nodes:
+        if node.name not in covered and (d := node_op(prop, gm, node)) is not None:
+            name = node.target if node.op == "call_module" else node.name
+            prop.ops.append(RawOp(name, "node", {"width": d["segs"]}, d["fixed"], (node.name,)))
     found = find_blocks(gm, prop.info, compute)
     steps = dict(steps or {})
     if source is None:
@@ -97,13 +109,14 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
         blocks[name] = Block(name, modules, tensors, fb.shortcut_kind, fb.add, fb.branch, fb.shortcut, protected)
         for t in tensors:
             tensor_block[t] = name
-        for n in fb.region:
+        for n in (*fb.region, fb.add):  # the addition goes with its branch
             node_block[n] = name
 
     tensors: dict[str, TensorAxes] = {}
     for t, axes in prop.bindings.items():
         shape = tuple(state[t].shape) if t in state else tuple(gm.get_parameter(t).shape)
-        tensors[t] = TensorAxes(t, shape, {a: segs(s) for a, s in axes.items()}, tensor_block.get(t))
+        tensors[t] = TensorAxes(t, shape, {a: segs(s) for a, s in axes.items()}, tensor_block.get(t),
+                                dict(prop.roles[t]))
 
     dims: dict[str, Dimension] = {}
     for r in roots:

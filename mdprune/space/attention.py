@@ -38,20 +38,20 @@ def _open(prop: Propagation, node: fx.Node, kind: str, x: Chan, heads: int, head
     v = prop.new_space(head_dim, "v", f"{name}.v")
     e = prop.new_space(out, "mlp", f"{name}.out")
     qk, hv, eo = RawSeg((h, q)), RawSeg((h, v)), RawSeg((e,))
-    prop.bind(prefix["in_w"], 0, (qk, qk, hv), node)
-    prop.bind(prefix["in_w"], 1, x.segs, node)
+    prop.bind(prefix["in_w"], 0, (qk, qk, hv), node, "out")
+    prop.bind(prefix["in_w"], 1, x.segs, node, "in")
     if in_bias:
-        prop.bind(prefix["in_b"], 0, (qk, qk, hv), node)
-    prop.bind(prefix["out_w"], 0, (eo,), node)
-    prop.bind(prefix["out_w"], 1, (hv,), node)
+        prop.bind(prefix["in_b"], 0, (qk, qk, hv), node, "out")
+    prop.bind(prefix["out_w"], 0, (eo,), node, "out")
+    prop.bind(prefix["out_w"], 1, (hv,), node, "in")
     if out_bias:
-        prop.bind(prefix["out_b"], 0, (eo,), node)
-    lin = {"tokens": tokens, "batch": batch}
+        prop.bind(prefix["out_b"], 0, (eo,), node, "out")
+    lin = {"tokens": tokens, "batch": batch, "rank": 3}
     prop.add_op(f"{name}.q", "linear", {"in": x.segs, "out": (qk,)}, {**lin, "bias": in_bias}, node)
     prop.add_op(f"{name}.k", "linear", {"in": x.segs, "out": (qk,)}, {**lin, "bias": in_bias}, node)
     prop.add_op(f"{name}.v", "linear", {"in": x.segs, "out": (hv,)}, {**lin, "bias": in_bias}, node)
     prop.add_op(f"{name}.attn", "attention", {"heads": (RawSeg((h,)),), "qk": (RawSeg((q,)),),
-                                              "v": (RawSeg((v,)),)}, dict(lin), node)
+                                              "v": (RawSeg((v,)),)}, {"tokens": tokens, "batch": batch}, node)
     prop.add_op(f"{name}.proj", "linear", {"in": (hv,), "out": (eo,)}, {**lin, "bias": out_bias}, node)
     prop.attention[name] = {"kind": kind, "heads": h, "qk": q, "v": v}
     return eo

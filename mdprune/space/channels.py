@@ -56,6 +56,7 @@ class Propagation:
         self.parent: list[int] = []
         self.spaces: list[SpaceInfo] = []
         self.bindings: dict[str, dict[int, tuple[RawSeg, ...]]] = {}
+        self.roles: dict[str, dict[int, str]] = {}
         self.tensor_node: dict[str, str] = {}  # tensor -> node that uses it (call_module or get_attr)
         self.ops: list[RawOp] = []
         self.patches: list[RawPatch] = []
@@ -109,6 +110,10 @@ class Propagation:
             for i in s.spaces:
                 self.spaces[self.find(i)].protected.append(reason)
 
+    def roots(self, segs: tuple[RawSeg, ...]) -> tuple[tuple[tuple[int, ...], int], ...]:
+        """``segs`` with every space replaced by its union-find root (to compare layouts)."""
+        return tuple((tuple(self.find(i) for i in s.spaces), s.inner) for s in segs)
+
     def size(self, i: int) -> int:
         return self.spaces[self.find(i)].size
 
@@ -119,8 +124,14 @@ class Propagation:
         return " + ".join("x".join(self.spaces[self.find(i)].name for i in s.spaces) for s in segs)
 
     # ---- records made by the rules -----------------------------------------------------------------------
-    def bind(self, tensor: str, axis: int, segs: tuple[RawSeg, ...], node: fx.Node) -> None:
-        """Record that ``tensor``'s axis ``axis`` is made of ``segs`` (tying it if bound already)."""
+    def bind(self, tensor: str, axis: int, segs: tuple[RawSeg, ...], node: fx.Node, role: str) -> None:
+        """Record that ``tensor``'s axis ``axis`` is made of ``segs`` (tying it if bound already).
+
+        ``role`` says how the axis relates to the channels: ``out`` (an op producing them), ``in`` (an op
+        consuming them), ``affine`` (a per-channel scale or shift: BatchNorm, LayerScale), ``norm`` (LayerNorm),
+        ``stat`` (running statistics) or ``param`` (a free parameter such as a position embedding).
+        """
+        self.roles.setdefault(tensor, {}).setdefault(axis, role)
         axes = self.bindings.setdefault(tensor, {})
         if axis in axes:
             self.unify(axes[axis], segs, node)

@@ -151,7 +151,7 @@ def _binary(prop: Propagation, node: fx.Node) -> Any:
             j = len(sb) - back
             if not isinstance(vb, ParamRef) or vb.axes[j] is None:
                 raise AnalysisError(f"{where(node)} combines channels with a tensor mdprune cannot follow")
-            prop.bind(vb.tensor, vb.axes[j], va.segs, node)
+            prop.bind(vb.tensor, vb.axes[j], va.segs, node, "param")
         return va.moved(len(out) - back)
     if isinstance(va, ParamRef) or isinstance(vb, ParamRef):
         p = va if isinstance(va, ParamRef) else vb
@@ -184,7 +184,7 @@ def _cat(prop: Propagation, node: fx.Node) -> Any:
         prop.unify(chans[0][0].segs, v.segs, node)
     for v in vals:
         if isinstance(v, ParamRef):
-            prop.bind(v.tensor, v.axes[axis], chans[0][0].segs, node)
+            prop.bind(v.tensor, v.axes[axis], chans[0][0].segs, node, "param")
         elif not isinstance(v, Chan):
             raise AnalysisError(f"{where(node)} concatenates channels with a tensor mdprune cannot follow")
     return chans[0][0]

@@ -60,7 +60,7 @@ def _conv2d(prop: Propagation, node: fx.Node, m: nn.Conv2d) -> Chan:
     name = node.target
     depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
     if m.groups == 1:
-        prop.bind(f"{name}.weight", 1, x.segs, node)
+        prop.bind(f"{name}.weight", 1, x.segs, node, "in")
         out = (RawSeg((prop.new_space(m.out_channels, "channel", name),)),)
     elif depthwise:
         out = x.segs  # a depthwise convolution keeps its input's channels
@@ -68,9 +68,9 @@ def _conv2d(prop: Propagation, node: fx.Node, m: nn.Conv2d) -> Chan:
         reason = f"grouped convolution {name} (groups={m.groups})"
         prop.protect(x.segs, reason)
         out = (RawSeg((prop.new_space(m.out_channels, "channel", name, protected=reason),)),)
-    prop.bind(f"{name}.weight", 0, out, node)
+    prop.bind(f"{name}.weight", 0, out, node, "out")
     if m.bias is not None:
-        prop.bind(f"{name}.bias", 0, out, node)
+        prop.bind(f"{name}.bias", 0, out, node, "out")
     out_shape = node.meta["mdp_shape"]
     fixed = {
         "kernel": tuple(m.kernel_size), "stride": tuple(m.stride), "padding": _padding(m),
@@ -89,19 +89,19 @@ def linear_fixed(prop: Propagation, in_shape: tuple[int, ...], bias: bool) -> di
     """Fixed signature of a linear layer applied to a tensor of ``in_shape`` (features last)."""
     rows = math.prod(in_shape[:-1])
     batch = prop.batch if prop.batch and rows % prop.batch == 0 else 1
-    return {"tokens": rows // batch, "batch": batch, "bias": bias}
+    return {"tokens": rows // batch, "batch": batch, "bias": bias, "rank": len(in_shape)}
 
 
 def _linear(prop: Propagation, node: fx.Node, m: nn.Linear) -> Chan:
     x, in_shape = chan_input(prop, node, "features")
     _require_axis(node, x, -1, in_shape, "features")
     name = node.target
-    prop.bind(f"{name}.weight", 1, x.segs, node)
+    prop.bind(f"{name}.weight", 1, x.segs, node, "in")
     kind = "mlp" if len(in_shape) >= 3 else "linear"
     out = (RawSeg((prop.new_space(m.out_features, kind, name),)),)
-    prop.bind(f"{name}.weight", 0, out, node)
+    prop.bind(f"{name}.weight", 0, out, node, "out")
     if m.bias is not None:
-        prop.bind(f"{name}.bias", 0, out, node)
+        prop.bind(f"{name}.bias", 0, out, node, "out")
     prop.add_op(name, "linear", {"in": x.segs, "out": out}, linear_fixed(prop, in_shape, m.bias is not None),
                 node)
     return Chan(len(in_shape) - 1, out)
@@ -112,7 +112,7 @@ def _batchnorm(prop: Propagation, node: fx.Node, m: nn.modules.batchnorm._BatchN
     _require_axis(node, x, 1, shape, "channels")
     for t in ("weight", "bias", "running_mean", "running_var"):
         if getattr(m, t, None) is not None:
-            prop.bind(f"{node.target}.{t}", 0, x.segs, node)
+            prop.bind(f"{node.target}.{t}", 0, x.segs, node, "affine" if t in ("weight", "bias") else "stat")
     return x
 
 
@@ -123,7 +123,7 @@ def _layernorm(prop: Propagation, node: fx.Node, m: nn.LayerNorm) -> Chan:
     _require_axis(node, x, -1, shape, "features")
     for t in ("weight", "bias"):
         if getattr(m, t, None) is not None:
-            prop.bind(f"{node.target}.{t}", 0, x.segs, node)
+            prop.bind(f"{node.target}.{t}", 0, x.segs, node, "norm")
     prop.normalized[node.target] = x.segs
     for s in x.segs:
         for i in s.spaces:
@@ -134,7 +134,7 @@ def _layernorm(prop: Propagation, node: fx.Node, m: nn.LayerNorm) -> Chan:
 def _layerscale(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
     x, shape = chan_input(prop, node, "features")
     _require_axis(node, x, -1, shape, "features")
-    prop.bind(f"{node.target}.gamma", 0, x.segs, node)
+    prop.bind(f"{node.target}.gamma", 0, x.segs, node, "affine")
     return x
 
 
@@ -142,7 +142,7 @@ def _passthrough(prop: Propagation, node: fx.Node, m: nn.Module) -> Any:
     if isinstance(m, nn.PReLU) and m.num_parameters > 1:
         x, shape = chan_input(prop, node, "channels")
         _require_axis(node, x, 1, shape, "channels")
-        prop.bind(f"{node.target}.weight", 0, x.segs, node)
+        prop.bind(f"{node.target}.weight", 0, x.segs, node, "affine")
         return x
     return prop.value(node.args[0])
 

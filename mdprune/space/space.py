@@ -86,11 +86,12 @@ class Op:
     """A compute op whose latency depends on the widths of a few dimensions.
 
     ``roles`` maps a role ("in", "out" for convolutions and linear layers; "heads", "qk", "v" for attention
-    cores) to the segments that make up that width. ``fixed`` holds everything else that sets its cost.
+    cores; "width" for node ops) to the segments that make up that width. ``fixed`` holds everything else
+    that sets its cost.
     """
 
     name: str
-    kind: str  # "conv2d", "linear" or "attention"
+    kind: str  # "conv2d", "linear", "attention", or "node" (pooling, norms, activations, additions)
     roles: dict[str, tuple[Seg, ...]]
     fixed: dict[str, Any]
     block: str | None = None
@@ -120,6 +121,8 @@ class Op:
         if self.kind == "attention":
             n = f["tokens"]
             return f["batch"] * w["heads"] * n * n * (w["qk"] + w["v"])
+        if self.kind == "node":
+            return 0  # element-wise, pooling, norms: memory-bound, no multiply-accumulates counted
         raise ValueError(f"unknown op kind {self.kind!r}")
 
 
@@ -131,6 +134,7 @@ class TensorAxes:
     shape: tuple[int, ...]
     axes: dict[int, tuple[Seg, ...]]
     block: str | None = None
+    roles: dict[int, str] = field(default_factory=dict)  # axis -> out, in, affine, norm, stat or param
 
     def shape_for(self, sizes: dict[str, int]) -> tuple[int, ...]:
         return tuple(

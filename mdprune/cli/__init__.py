@@ -1,0 +1,44 @@
+"""The ``mdprune`` command line: one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..latency import FingerprintMismatch, IncompleteTable
+from ..models import ModelError
+from ..solve import InfeasibleBudget
+from ..space import AnalysisError
+from ..train.data import DataError
+from ..train.loop import NaNLoss
+from ..train.rundir import RunDirError
+from . import demo, inspect, lut, prune, tools
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mdprune",
+        description="Prune a vision model to a latency budget on your hardware (MDP, CVPR 2025).")
+    p.add_argument("--version", action="version", version=f"mdprune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect.add_parser(sub)
+    lut.add_parser(sub)
+    prune.add_parser(sub)
+    tools.add_parsers(sub)
+    demo.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (AnalysisError, ModelError, FingerprintMismatch, IncompleteTable, InfeasibleBudget, DataError,
+            RunDirError, NaNLoss, ValueError) as e:
+        print(f"mdprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mdprune: interrupted (completed measurements are saved)", file=sys.stderr)
+        return 130

@@ -1,0 +1,66 @@
+"""Shared pieces of the command line: model arguments, number formatting."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from typing import Any
+
+import torch
+
+from ..models import create_model, default_input_size, load_checkpoint
+from ..space import PruningSpace, analyze
+
+
+def parse_kv(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="torchvision or timm model name (resnet50, deit_small_patch16_224), "
+                                 "or package.module:function")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
+    p.add_argument("--input-size", type=int, default=None, help="image height and width (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1)")
+    p.add_argument("--model-arg", type=parse_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra constructor argument, e.g. img_size=32 (repeatable)")
+    p.add_argument("--checkpoint", default=None, help="weights to load (state_dict file); nothing is downloaded")
+    p.add_argument("--step", type=parse_kv, action="append", default=[], metavar="KIND=N",
+                   help="pruning step per dimension kind or name, e.g. channel=16 (repeatable)")
+    p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
+                   help="module to keep whole (repeatable)")
+
+
+def build_model_and_space(args: argparse.Namespace) -> tuple[torch.nn.Module, PruningSpace]:
+    kwargs = dict(args.model_arg)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    if args.input_size is not None and "img_size" not in kwargs and is_timm_vit(args.model):
+        kwargs["img_size"] = args.input_size
+    model = create_model(args.model, **kwargs)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    c, h, w = default_input_size(model)
+    if args.input_size is not None:
+        h = w = args.input_size
+    x = torch.randn(args.batch, c, h, w)
+    space = analyze(model, x, steps=dict(args.step), ignored_layers=args.ignore)
+    return model, space
+
+
+def is_timm_vit(name: str) -> bool:
+    n = name.removeprefix("timm:")
+    return any(n.startswith(p) for p in ("vit_", "deit", "eva", "beit"))
+
+
+def human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))

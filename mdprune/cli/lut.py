@@ -1,0 +1,132 @@
+"""``mdprune lut build | show | validate``: latency lookup tables on this device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..latency import (
+    LatencySettings,
+    LatencyTable,
+    TimingSettings,
+    build,
+    default_cache_dir,
+    latency_model,
+    open_table,
+    random_plans,
+    validate,
+)
+from .common import add_model_args, build_model_and_space, human
+
+
+def add_latency_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latency measurement")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    g.add_argument("--threads", type=int, default=1, help="CPU threads while measuring (default 1)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--backend", default="eager", choices=["eager", "onnxruntime"])
+    g.add_argument("--cache", default=None, metavar="DIR", help=f"table cache (default {default_cache_dir()})")
+    g.add_argument("--grid-points", type=int, default=8, help="grid widths per role, 2-role ops (default 8)")
+    g.add_argument("--grid-points-3d", type=int, default=5, help="grid widths per role, attention (default 5)")
+    g.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
+    g.add_argument("--reps", type=int, default=5, help="timed samples per round (default 5)")
+
+
+def settings_from(args: argparse.Namespace) -> LatencySettings:
+    if args.dtype != "float32" and not args.device.startswith("cuda"):
+        raise ValueError("float16/bfloat16 latency tables are for cuda devices")
+    return LatencySettings(device=args.device, batch=args.batch, threads=args.threads, dtype=args.dtype,
+                           backend=args.backend, grid_points=args.grid_points, grid_points_3d=args.grid_points_3d,
+                           timing=TimingSettings(rounds=args.rounds, reps=args.reps))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    for name in ("lut", "latency"):
+        hidden = name == "latency"
+        p = sub.add_parser(name, help="same as lut" if hidden else "latency lookup tables: build, show, validate",
+                           description="Latency lookup tables measured on this device.")
+        lsub = p.add_subparsers(dest="lut_command", required=True, metavar="ACTION")
+
+        b = lsub.add_parser("build", help="measure the ops of a model (resumable; cached per device)")
+        add_model_args(b)
+        add_latency_args(b)
+        b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                       help="stop after about this long; run again to continue")
+        b.set_defaults(func=run_build)
+
+        s = lsub.add_parser("show", help="list cached tables, or describe one")
+        s.add_argument("path", nargs="?", default=None, help="a table file (default: list the cache)")
+        s.add_argument("--cache", default=None, metavar="DIR")
+        s.set_defaults(func=run_show)
+
+        v = lsub.add_parser("validate", help="predicted against measured latency of random slim models")
+        add_model_args(v)
+        add_latency_args(v)
+        v.add_argument("--samples", type=int, default=10, help="random plans (default 10)")
+        v.add_argument("--seed", type=int, default=0)
+        v.add_argument("--block-prob", type=float, default=0.2, help="chance a block is removed (default 0.2)")
+        v.add_argument("--json", default=None, metavar="PATH", help="write every figure as JSON")
+        v.set_defaults(func=run_validate)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    _, space = build_model_and_space(args)
+    settings = settings_from(args)
+    table = open_table(settings, args.cache)
+    report = build(space, table, settings, time_budget=args.time_budget, progress=sys.stderr.isatty())
+    print(f"measured {report.measured} points, {report.skipped} already cached, {report.remaining} left "
+          f"({report.seconds:.0f} s) -> {report.path}")
+    if report.remaining:
+        print("time budget reached: run the same command again to continue")
+        return 0
+    lm = latency_model(space, table, settings)
+    print(f"dense model: {lm.predict(space.dense_sizes()):.3f} ms measured end to end; ops sum "
+          f"{lm.ops_ms(space.dense_sizes()):.3f} ms")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    if args.path:
+        t = LatencyTable.load(args.path)
+        print(json.dumps(t.fingerprint, indent=1))
+        for sig, e in t.ops.items():
+            print(f"{len(e['points']):5d} points  {sig}")
+        for k, m in t.models.items():
+            print(f"dense {k}: {m['ms']:.3f} ms")
+        return 0
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    files = sorted(cache.glob("lut-*.json"))
+    if not files:
+        print(f"no tables in {cache}")
+    for f in files:
+        t = LatencyTable.load(f)
+        fp = t.fingerprint
+        print(f"{f.name}: {fp['device']} {fp.get('gpu') or fp['processor']}, batch {fp['batch']}, "
+              f"threads {fp.get('threads')}, {fp['dtype']}, {fp['backend']}; {len(t.ops)} op signatures, "
+              f"{len(t)} points, {len(t.models)} calibrated models")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    _, space = build_model_and_space(args)
+    settings = settings_from(args)
+    table = open_table(settings, args.cache)
+    build(space, table, settings, progress=sys.stderr.isatty(), calibrate=False)
+    plans = random_plans(space, args.samples, args.seed, args.block_prob)
+    v = validate(space, table, settings, plans, progress=sys.stderr.isatty())
+    print(f"{'plan':>4} {'blocks':>6} {'params':>8} {'measured':>9} {'table':>9} {'err%':>6} {'linear':>9} "
+          f"{'err%':>6}")
+    for r in v.rows:
+        et = 100 * (r["table"] - r["measured"]) / r["measured"]
+        el = 100 * (r["linear"] - r["measured"]) / r["measured"]
+        print(f"{r['plan']:>4} {r['removed_blocks']:>6} {human(r['params']):>8} {r['measured']:9.3f} "
+              f"{r['table']:9.3f} {et:+6.1f} {r['linear']:9.3f} {el:+6.1f}")
+    s = v.summary()
+    print(f"dense {s['dense_ms']:.3f} ms; noise floor (same model twice) {s['noise_floor_pct']:.1f}%")
+    print(f"table model:  median |err| {s['table_median_pct']:.1f}%, max {s['table_max_pct']:.1f}%")
+    print(f"linear model: median |err| {s['linear_median_pct']:.1f}%, max {s['linear_max_pct']:.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": s, "rows": v.rows, "scale": v.scale}, indent=1))
+    return 0

@@ -1,0 +1,180 @@
+"""Latency lookup tables: measured op latencies, cached on disk per device fingerprint.
+
+File format (JSON, ``format: mdprune-lut/1``)::
+
+    {"format": "mdprune-lut/1",
+     "fingerprint": {"device": "cpu", "processor": ..., "torch": ..., "threads": 1, "dtype": "float32",
+                     "batch": 1, "backend": "eager", ...},
+     "timing": {...the TimingSettings used...},
+     "ops": {"<signature>": {"kind": "conv2d", "fixed": {...}, "roles": ["in", "out"],
+                             "points": {"64x128": [ms, noise], ...}}},
+     "models": {"<model key>": {"ms": ..., "noise": ...}}}
+
+An op *signature* is its kind and fixed parameters (kernel, stride, spatial size, tokens, epilogue ...)
+without the batch, which belongs to the fingerprint; a *point* is one width per role (``in x out`` for
+convolutions and linear layers, ``heads x qk x v`` for attention), so one table serves every model and budget
+that share op signatures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..space import Op
+from .ops import ROLES
+
+FORMAT = "mdprune-lut/1"
+
+
+class FingerprintMismatch(ValueError):
+    """A table measured on another device or setup than the one asked for."""
+
+
+def _processor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint(device: str = "cpu", threads: int = 1, dtype: torch.dtype = torch.float32, batch: int = 1,
+                backend: str = "eager") -> dict[str, Any]:
+    """What a latency measurement depends on: hardware, software, threads, dtype, batch and runtime."""
+    dev = torch.device(device)
+    fp: dict[str, Any] = {
+        "device": dev.type, "processor": _processor(), "arch": platform.machine(), "torch": torch.__version__,
+        "threads": threads if dev.type == "cpu" else None, "dtype": str(dtype).removeprefix("torch."),
+        "batch": batch, "backend": backend,
+    }
+    if dev.type == "cuda":
+        fp["gpu"] = torch.cuda.get_device_name(dev)
+        fp["cuda"] = torch.version.cuda
+        fp["driver"] = _cuda_driver()
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        fp["onnxruntime"] = onnxruntime.__version__
+    return fp
+
+
+def _cuda_driver() -> str | None:
+    try:
+        return str(torch.cuda.get_device_properties(0).driver_version)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, (tuple, list)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in sorted(x.items())}
+    return x
+
+
+def signature(op: Op) -> str:
+    """The table key of an op: its kind and fixed parameters except the batch."""
+    fixed = {k: v for k, v in op.fixed.items() if k != "batch"}
+    return op.kind + ":" + json.dumps(_plain(fixed), sort_keys=True, separators=(",", ":"))
+
+
+def point_key(widths: tuple[int, ...]) -> str:
+    return "x".join(str(w) for w in widths)
+
+
+class LatencyTable:
+    """Measured latencies (milliseconds) of op signatures at width points, for one fingerprint."""
+
+    def __init__(self, fp: dict[str, Any], path: Path | None = None, timing: dict[str, Any] | None = None):
+        self.fingerprint = fp
+        self.path = path
+        self.timing = timing or {}
+        self.ops: dict[str, dict[str, Any]] = {}
+        self.models: dict[str, dict[str, float]] = {}
+
+    # ---- entries -----------------------------------------------------------------------------------------
+    def get(self, sig: str, widths: tuple[int, ...]) -> float | None:
+        entry = self.ops.get(sig)
+        if entry is None:
+            return None
+        v = entry["points"].get(point_key(widths))
+        return None if v is None else v[0]
+
+    def put(self, op: Op, widths: tuple[int, ...], ms: float, noise: float) -> None:
+        sig = signature(op)
+        entry = self.ops.setdefault(sig, {"kind": op.kind, "fixed": _plain(
+            {k: v for k, v in op.fixed.items() if k != "batch"}), "roles": list(ROLES[op.kind]), "points": {}})
+        entry["points"][point_key(widths)] = [ms, noise]
+
+    def __len__(self) -> int:
+        return sum(len(e["points"]) for e in self.ops.values())
+
+    # ---- files -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "fingerprint": self.fingerprint, "timing": self.timing, "ops": self.ops,
+                "models": self.models}
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write atomically (a crash mid-write never leaves a broken table)."""
+        path = Path(path or self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=0, sort_keys=True))
+        os.replace(tmp, path)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, expect: dict[str, Any] | None = None, force: bool = False) -> LatencyTable:
+        """Read a table; refuse one measured under another fingerprint than ``expect`` unless ``force``."""
+        path = Path(path)
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an mdprune latency table ({FORMAT})")
+        if expect is not None and not force:
+            diff = fingerprint_diff(data["fingerprint"], expect)
+            if diff:
+                raise FingerprintMismatch(
+                    f"latency table {path} was measured under another setup: {diff}. A table is only valid "
+                    "where it was measured; build one here, or pass force=True (--force) to use it anyway.")
+        table = cls(data["fingerprint"], path, data.get("timing"))
+        table.ops = data.get("ops", {})
+        table.models = data.get("models", {})
+        return table
+
+    @classmethod
+    def open(cls, cache_dir: str | Path, fp: dict[str, Any]) -> LatencyTable:
+        """The cached table of fingerprint ``fp`` in ``cache_dir`` (empty if none yet)."""
+        path = Path(cache_dir) / cache_name(fp)
+        if path.exists():
+            return cls.load(path, expect=fp)
+        return cls(fp, path)
+
+
+def fingerprint_diff(have: dict[str, Any], want: dict[str, Any]) -> str:
+    """Human-readable differences between two fingerprints ('' if equal)."""
+    keys = sorted(set(have) | set(want))
+    return "; ".join(f"{k} {have.get(k)!r} (table) vs {want.get(k)!r} (now)" for k in keys
+                     if have.get(k) != want.get(k))
+
+
+def cache_name(fp: dict[str, Any]) -> str:
+    digest = hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
+    return f"lut-{fp['device']}-b{fp['batch']}-t{fp.get('threads')}-{fp['backend']}-{digest}.json"
+
+
+def default_cache_dir() -> Path:
+    """``$MDPRUNE_CACHE`` or ``~/.cache/mdprune``, plus ``/lut``."""
+    base = os.environ.get("MDPRUNE_CACHE") or Path.home() / ".cache" / "mdprune"
+    return Path(base) / "lut"

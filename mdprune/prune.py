@@ -1,0 +1,213 @@
+"""One-shot latency-constrained pruning in one call: ``mdprune.prune(model, x, budget="50%", data=loader)``.
+
+analyse -> measure latency tables (cached) and calibrate -> importance over N batches -> solve the MDP program
+exactly -> slim -> measure. Fine-tuning is up to the caller (or ``mdprune prune`` on the command line).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .apply import Plan, slim
+from .importance import estimate
+from .latency import (
+    LatencyModel,
+    LatencySettings,
+    LatencyTable,
+    build,
+    calibration_plans,
+    measure_models,
+    open_table,
+)
+from .solve import solve
+from .solve.from_space import build_problem, plan_from_solution
+from .space import PruningSpace, analyze
+
+
+@dataclass
+class PruneReport:
+    """What was asked, what was predicted and what was measured."""
+
+    target_ms: float
+    predicted_ms: float
+    dense_ms: float  # the dense model, measured with the calibration models (the budget's reference)
+    measured_ms: float | None  # the slim model, measured interleaved with the dense one ...
+    measured_dense_ms: float | None  # ... which measured this in that same run
+    noise: float | None  # spread of the dense model's timing rounds (a noise figure)
+    widths: dict[str, tuple[int, int]]  # dimension -> (kept, size)
+    removed_blocks: list[str]
+    solver: dict[str, Any]
+    params: tuple[int, int]  # (dense, pruned)
+    macs: tuple[int, int]
+    latency_model: dict[str, Any]
+    plan: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def measured_speedup(self) -> float | None:
+        """Dense over pruned latency, both measured in the same run."""
+        if self.measured_ms is None or self.measured_dense_ms is None:
+            return None
+        return self.measured_dense_ms / self.measured_ms
+
+    def summary(self) -> str:
+        m = (f"{self.measured_ms:.3f} ms measured (dense {self.measured_dense_ms:.3f} ms in the same run, "
+             f"{self.measured_speedup:.2f}x)" if self.measured_ms is not None else "not measured")
+        return (f"target {self.target_ms:.3f} ms (dense {self.dense_ms:.3f} ms), predicted "
+                f"{self.predicted_ms:.3f} ms, {m}; params {self.params[1]:,} of {self.params[0]:,}; "
+                f"{len(self.removed_blocks)} blocks removed; solver {self.solver['status']} "
+                f"(gap {self.solver['gap']:.2e}, {self.solver['seconds']:.2f} s)")
+
+
+def parse_budget(budget: str | float, reference: float, unit: str = "ms") -> float:
+    """``"50%"`` of ``reference``, ``"12ms"``/``12.0`` as an absolute value (counts accept ``"60%"`` too)."""
+    if isinstance(budget, (int, float)):
+        return float(budget)
+    text = budget.strip().lower()
+    m = re.fullmatch(r"([0-9.]+)\s*%", text)
+    if m:
+        return float(m.group(1)) / 100.0 * reference
+    m = re.fullmatch(r"([0-9.]+)\s*(ms)?", text)
+    if m:
+        return float(m.group(1))
+    raise ValueError(f"cannot read budget {budget!r}: use '50%' or a number of {unit}")
+
+
+def open_lut(lut: str | Path | LatencyTable | None, settings: LatencySettings) -> LatencyTable:
+    """A latency table from a table object, a table file, a cache directory, or the default cache."""
+    if isinstance(lut, LatencyTable):
+        return lut
+    if lut is not None and Path(lut).suffix == ".json":
+        table = LatencyTable.load(lut, expect=settings.fingerprint()) if Path(lut).exists() else \
+            LatencyTable(settings.fingerprint(), Path(lut))
+        return table
+    return open_table(settings, lut)
+
+
+def calibrated_model(space: PruningSpace, table: LatencyTable, settings: LatencySettings, mode: str = "table",
+                     references: bool = True, progress: bool = False) -> tuple[LatencyModel, dict[str, float]]:
+    """Build what the table lacks, then calibrate on end-to-end measurements of this run.
+
+    Returns the model and the measured dense latency with its noise figure.
+    """
+    build(space, table, settings, progress=progress, calibrate=False)
+    refs = calibration_plans(space) if references else []
+    models = {"dense": slim(space, Plan.identity())} | {f"ref{i}": slim(space, p) for i, p in enumerate(refs)}
+    measured = measure_models(models, space, settings, progress=progress)
+    lm = LatencyModel(space, table, mode, settings.grid_points, settings.grid_points_3d)
+    lm.calibrate(measured["dense"].ms, [(p, measured[f"ref{i}"].ms) for i, p in enumerate(refs)])
+    return lm, {"ms": measured["dense"].ms, "noise": measured["dense"].noise}
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    budget: str | float = "50%",
+    *,
+    data: Iterable[Any] | None = None,
+    scores: Mapping[str, np.ndarray] | None = None,
+    device: str | torch.device = "cpu",
+    lut: str | Path | LatencyTable | None = None,
+    settings: LatencySettings | None = None,
+    space: PruningSpace | None = None,
+    steps: Mapping[str, int] | None = None,
+    ignored_layers: Iterable[str] = (),
+    importance_batches: int = 32,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    mode: str = "table",
+    blocks: bool = True,
+    params: str | float | None = None,
+    macs: str | float | None = None,
+    min_blocks_kept: int = 0,
+    time_limit: float = 60.0,
+    calibrate_scale: bool = True,
+    measure: bool = True,
+    progress: bool = False,
+) -> tuple[fx.GraphModule, PruneReport]:
+    """Prune ``model`` to a latency ``budget`` on this device, in one shot.
+
+    Args:
+        model: the trained model (any torchvision/timm CNN or ViT, or your own traceable model).
+        example_inputs: an input batch (sets spatial size / tokens; the latency batch is ``settings.batch``).
+        budget: ``"50%"`` of the dense model's latency measured here, or milliseconds.
+        data: ``(inputs, targets)`` batches for importance (``importance_batches`` of them); or give ``scores``.
+        device: where importance is computed. Latency is measured on ``settings.device`` (default: ``device``).
+        lut: latency table, table file or cache directory (default ``~/.cache/mdprune/lut``).
+        mode: ``"table"`` (MDP's multi-dimensional tables) or ``"linear"`` (HALP's model; ablation).
+        blocks: allow removing whole residual blocks (``False``: channels only; ablation).
+        params, macs: optional extra budgets, ``"60%"`` of the dense count or an absolute count.
+        time_limit: solver time limit in seconds (the best solution found and its gap are reported).
+
+    Returns:
+        The slim model and a :class:`PruneReport`.
+
+    Raises:
+        InfeasibleBudget: the budget is below the smallest reachable latency (stated in the message).
+    """
+    t0 = time.monotonic()
+    seconds: dict[str, float] = {}
+    settings = settings or LatencySettings(device=str(torch.device(device)))
+    if space is None:
+        model.to(device)
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        space = analyze(model, tuple(x.to(device) for x in inputs), steps=steps, ignored_layers=ignored_layers)
+    seconds["analyze"] = time.monotonic() - t0
+
+    t = time.monotonic()
+    table = open_lut(lut, settings)
+    lm, dense = calibrated_model(space, table, settings, mode, calibrate_scale, progress)
+    seconds["latency"] = time.monotonic() - t
+
+    t = time.monotonic()
+    if scores is None:
+        if data is None:
+            raise ValueError("importance needs data=(inputs, targets) batches, or scores=")
+        scores = estimate(space, space.module, data, loss_fn, importance_batches, device, progress=progress)
+    seconds["importance"] = time.monotonic() - t
+
+    t = time.monotonic()
+    target = parse_budget(budget, dense["ms"])
+    dense_params, dense_macs = space.count_params(), space.count_macs()
+    problem = build_problem(
+        space, scores, lm, target, blocks=blocks, min_blocks_kept=min_blocks_kept,
+        params=None if params is None else parse_budget(params, dense_params, "parameters"),
+        macs=None if macs is None else parse_budget(macs, dense_macs, "MACs"))
+    solution = solve(problem, time_limit=time_limit)
+    plan = plan_from_solution(space, solution, scores)
+    seconds["solve"] = time.monotonic() - t
+
+    pruned = slim(space, plan)
+    measured = measured_dense = None
+    if measure:  # the slim model and the dense one, interleaved in one run
+        t = time.monotonic()
+        m = measure_models({"dense": slim(space, Plan.identity()), "pruned": pruned}, space, settings)
+        pruned = pruned.to(device)
+        measured, measured_dense = m["pruned"].ms, m["dense"].ms
+        seconds["measure"] = time.monotonic() - t
+    sizes, removed = plan.sizes(space), set(plan.removed)
+    report = PruneReport(
+        target_ms=target, predicted_ms=lm.predict(sizes, removed), dense_ms=dense["ms"], measured_ms=measured,
+        measured_dense_ms=measured_dense, noise=dense["noise"],
+        widths={d.name: (sizes[d.name], d.size) for d in space.prunable_dims()},
+        removed_blocks=sorted(removed),
+        solver={"status": solution.status, "objective": solution.objective, "bound": solution.bound,
+                "gap": solution.gap, "seconds": solution.seconds, "method": solution.method},
+        params=(dense_params, space.count_params(sizes, removed)),
+        macs=(dense_macs, space.count_macs(sizes, removed)),
+        latency_model={"mode": mode, "scale": lm.scale, "constant": lm.constant, "blocks": blocks,
+                       "fingerprint": table.fingerprint},
+        plan=plan.to_dict(), seconds=seconds)
+    return pruned, report

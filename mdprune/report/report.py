@@ -1,0 +1,161 @@
+"""Turn a pruning run's result (result.json) into report.md, report.json and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .data import format_count, format_ms, format_percent, number, pair, removed_block_names, width_rows
+from .plots import write_plots
+
+PLOT_TITLES = {"latency": "Latency", "accuracy": "Accuracy", "budget_path": "Budget path",
+               "blocks": "Residual blocks", "widths": "Widths per dimension"}
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write report.md, report.json and PNG plots into out_dir (created if needed); return name -> path.
+
+    Names are ``markdown``, ``json`` and one per plot written (``latency``, ``accuracy``, ``budget_path``,
+    ``blocks``, ``widths``); a plot is left out when the result has no data for it.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_plots(result, out)
+    markdown = render_markdown(result, {name: p.name for name, p in files.items()})
+    files["markdown"] = out / "report.md"
+    files["markdown"].write_text(markdown)
+    files["json"] = out / "report.json"
+    record = {**_json_safe(result), "files": {name: p.name for name, p in files.items()}}
+    files["json"].write_text(json.dumps(record, indent=1, allow_nan=False))
+    return files
+
+
+def _json_safe(value: Any) -> Any:
+    """A copy that strict JSON accepts: NaN/inf become None, tuples lists, unknown objects strings."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float):
+        return number(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows] + [""]
+
+
+def _plot(files: dict[str, str], name: str) -> list[str]:
+    return [f"![{PLOT_TITLES[name]}]({files[name]})", ""] if name in files else []
+
+
+def _dense_to_pruned(values: Any) -> str:
+    dense, pruned = pair(values)
+    if dense is None and pruned is None:
+        return "n/a"
+    share = f" ({100 * pruned / dense:.1f}% of dense)" if dense and pruned is not None else ""
+    return f"{format_count(dense)} -> {format_count(pruned)}{share}"
+
+
+def _summary(result: dict[str, Any]) -> list[str]:
+    target, measured = number(result.get("target_ms")), number(result.get("measured_ms"))
+    noise, speedup = number(result.get("measured_noise")), number(result.get("speedup"))
+    measured_dense = number(result.get("measured_dense_ms"))
+    if speedup is None and measured and measured_dense is not None:
+        speedup = measured_dense / measured
+    measured_text = format_ms(measured)
+    if measured is not None:
+        measured_text += f" ± {100 * noise:.1f}%" if noise is not None else ""
+        measured_text += f" ({100 * (measured / target - 1):+.1f}% vs target)" if target else ""
+    accuracy = (f"{format_percent(result.get('dense_accuracy'))} -> {format_percent(result.get('pruned_accuracy'))}"
+                f" (after slimming) -> {format_percent(result.get('accuracy'))} (final)")
+    dense_at_start = format_ms(result.get("dense_ms_calibration"))
+    reference = f"budget {result.get('budget') or 'n/a'}; dense {dense_at_start} at start"
+    rows = [["Latency target", f"{format_ms(target)} ({reference})"],
+            ["Latency predicted", format_ms(result.get("predicted_ms"))],
+            ["Latency measured (pruned)", measured_text],
+            ["Latency measured (dense, same run)", format_ms(measured_dense)],
+            ["Measured speedup", "n/a" if speedup is None else f"{speedup:.2f}x"],
+            ["Accuracy: dense -> after slimming -> final", accuracy],
+            ["Parameters: dense -> pruned", _dense_to_pruned(result.get("params"))],
+            ["MACs: dense -> pruned", _dense_to_pruned(result.get("macs"))]]
+    return ["## Summary", ""] + _table(["Figure", "Value"], rows)
+
+
+def _solver_steps(history: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Pruning steps", ""]
+    if not history:
+        return lines + ["No solver steps recorded.", ""]
+    rows = []
+    for i, step in enumerate(history):
+        gap, seconds = number(step.get("gap")), number(step.get("seconds"))
+        removed = ", ".join(map(str, step.get("removed") or [])) or "-"
+        digest = f"`{step['plan_digest']}`" if step.get("plan_digest") else "-"
+        rows.append([step.get("step", i), format_ms(step.get("budget_ms")), format_ms(step.get("predicted_ms")),
+                     step.get("status", "n/a"), "n/a" if gap is None else f"{100 * gap:.2f}%",
+                     step.get("method", "n/a"), "n/a" if seconds is None else f"{seconds:.2f}",
+                     removed, digest])
+    header = ["Step", "Budget", "Predicted", "Status", "Gap", "Method", "Solve time (s)", "Removed blocks", "Plan"]
+    return lines + _table(header, rows)
+
+
+def _removed_blocks(result: dict[str, Any]) -> list[str]:
+    removed, total = removed_block_names(result), len(result.get("blocks") or {})
+    lines = ["## Removed blocks", ""]
+    if not removed:
+        return lines + [f"None ({total} removable blocks, all kept)." if total else "None.", ""]
+    of_total = f" of {total}" if total else ""
+    return lines + [f"{len(removed)}{of_total} removable blocks removed:", ""] + [f"- `{b}`" for b in removed] + [""]
+
+
+def _widths(result: dict[str, Any]) -> list[str]:
+    rows = width_rows(result)
+    lines = ["## Widths per dimension", ""]
+    if not rows:
+        return lines + ["No prunable dimensions recorded.", ""]
+    table = [[f"`{r.name}`", r.kind, f"`{r.block}`" if r.block else "-",
+              "removed with block" if r.removed else f"{r.kept}/{r.size}", f"{100 * r.kept_fraction:.1f}%"]
+             for r in rows]
+    return lines + _table(["Dimension", "Kind", "Block", "Kept / size", "Kept %"], table)
+
+
+def _details(result: dict[str, Any]) -> list[str]:
+    lines = ["## Latency model and measurement setup", ""]
+    model = result.get("latency_model") or {}
+    if model:
+        lines += ["Prediction = constant + scale x (sum of the op latencies of the plan).", ""]
+        units = {"constant": "constant (ms)"}
+        lines += _table(["Latency model", "Value"], [[units.get(k, k), _format_value(v)] for k, v in model.items()])
+    fingerprint = result.get("fingerprint") or {}
+    if fingerprint:
+        lines += _table(["Fingerprint", "Value"], [[k, _format_value(v)] for k, v in fingerprint.items()])
+    if not model and not fingerprint:
+        lines += ["Not recorded.", ""]
+    return lines
+
+
+def _format_value(value: Any) -> str:
+    v = number(value)
+    return f"{v:.4g}" if isinstance(value, float) and v is not None else str(value)
+
+
+def render_markdown(result: dict[str, Any], plot_files: dict[str, str] | None = None) -> str:
+    """The markdown report; ``plot_files`` maps plot name -> file name relative to the report, for embedding."""
+    files = plot_files or {}
+    title = f"# Pruning report: {result.get('model') or 'unknown model'} at budget {result.get('budget') or 'n/a'}"
+    meta = [f"{k}: {result[k]}" for k in ("schedule", "finished") if result.get(k)]
+    lines = [title, ""] + ([", ".join(meta), ""] if meta else [])
+    lines += _summary(result) + _plot(files, "latency") + _plot(files, "accuracy")
+    lines += _solver_steps(result.get("history") or []) + _plot(files, "budget_path")
+    lines += _removed_blocks(result) + _plot(files, "blocks")
+    lines += _widths(result) + _plot(files, "widths")
+    lines += _details(result)
+    return "\n".join(lines).rstrip() + "\n"

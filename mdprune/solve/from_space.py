@@ -1,0 +1,193 @@
+"""Build the MDP program from a pruning space, importance scores and a latency model; read back a plan.
+
+Switches for the paper's ablation: ``blocks=False`` (channels only: no block decisions) and a latency model in
+``mode="linear"`` (HALP). Extra budgets on parameters and MACs are additive terms over the same choices.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..apply import Plan
+from ..importance import kept_value
+from ..latency import LatencyModel
+from ..space import PruningSpace, Seg, TensorAxes
+from .problem import CostTerm, DimChoice, Problem, Resource, Solution
+
+
+def build_problem(space: PruningSpace, scores: Mapping[str, np.ndarray], latency: LatencyModel,
+                  budget_ms: float, *, blocks: bool = True, params: float | None = None,
+                  macs: float | None = None, min_blocks_kept: int = 0, current: Plan | None = None) -> Problem:
+    """The program: maximise kept importance with predicted latency <= ``budget_ms`` (and the optional
+    parameter and MAC budgets, as absolute counts).
+
+    With ``current`` (iterative pruning), no dimension grows beyond its current width and removed blocks stay
+    removed: their dimensions and terms leave the program.
+    """
+    gone = set(current.removed) if current is not None else set()
+    removable = {b.name for b in space.removable_blocks() if b.name not in gone} if blocks else set()
+    now = current.sizes(space) if current is not None else space.dense_sizes()
+
+    def blk(b: str | None) -> str | None:
+        return b if b in removable else None
+
+    dims = []
+    for d in space.prunable_dims():
+        if d.block in gone:
+            continue
+        if d.name not in scores:
+            raise ValueError(f"no importance scores for dimension {d.name!r}")
+        widths = [w for w in d.widths() if w <= now[d.name]]
+        dims.append(DimChoice(d.name, widths, kept_value(scores[d.name], widths), blk(d.block)))
+    resources = [_latency(space, latency, budget_ms, blk, gone)]
+    if params is not None:
+        resources.append(_counted("params", _param_terms(space), params, blk, gone))
+    if macs is not None:
+        resources.append(_counted("macs", _mac_terms(space), macs, blk, gone))
+    if current is not None:
+        resources = [_restrict(r, space, dims, gone) for r in resources]
+    return Problem(dims, sorted(removable), resources, min_blocks_kept=max(0, min_blocks_kept - len(gone)))
+
+
+def _restrict(r: Resource, space: PruningSpace, dims: list[DimChoice], gone: set[str]) -> Resource:
+    """Drop terms of removed blocks and cut tables to the widths still allowed."""
+    allowed = {d.name: len(d.widths) for d in dims}
+    terms = []
+    for t in r.terms:
+        if t.block in gone or any(d not in allowed for d in t.dims):  # terms of removed blocks
+            continue
+        cut = tuple(slice(0, allowed[d]) for d in t.dims)
+        terms.append(CostTerm(t.name, t.dims, np.array(t.table[cut], dtype=np.float64), t.block))
+    return Resource(r.name, terms, r.constant, r.budget)
+
+
+def _latency(space: PruningSpace, lm: LatencyModel, budget: float, blk, gone: set[str]) -> Resource:
+    constant = lm.constant
+    terms = []
+    for i, op in enumerate(space.ops):
+        if op.block in gone:
+            continue
+        dims, table = lm.term(i)
+        b = blk(op.block)
+        if not dims and b is None:
+            constant += float(table)
+        else:
+            terms.append(CostTerm(op.name, dims, np.asarray(table, dtype=np.float64), b))
+    return Resource("latency", terms, constant, budget)
+
+
+def _counted(name: str, parts: list[tuple[str, tuple[str, ...], np.ndarray, str | None]], budget: float, blk,
+             gone: set[str]) -> Resource:
+    constant = 0.0
+    terms = []
+    for label, dims, table, block in parts:
+        if block in gone:
+            continue
+        b = blk(block)
+        if not dims and b is None:
+            constant += float(table)
+        else:
+            terms.append(CostTerm(label, dims, table.astype(np.float64), b))
+    return Resource(name, terms, constant, budget)
+
+
+def _grid(space: PruningSpace, dims: tuple[str, ...]) -> dict[str, np.ndarray]:
+    widths = [np.asarray(space.dims[d].widths()) for d in dims]
+    return dict(zip(dims, np.meshgrid(*widths, indexing="ij"), strict=True)) if dims else {}
+
+
+def _live(space: PruningSpace, segs: tuple[Seg, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(d for s in segs for d in s.dims if space.dims[d].prunable))
+
+
+def _seg_width(space: PruningSpace, seg: Seg, env: dict[str, np.ndarray]):
+    w = seg.inner
+    for d in seg.dims:
+        w = w * env.get(d, space.dims[d].size)
+    return w
+
+
+def _param_terms(space: PruningSpace) -> list[tuple[str, tuple[str, ...], np.ndarray, str | None]]:
+    """Parameter count as terms of at most three dimensions (a tensor's axes expanded segment by segment)."""
+    parts = []
+    blocks_of = {t: b.name for b in space.blocks.values() for t in b.tensors}
+    for name, p in space.module.named_parameters():
+        t = space.tensors.get(name)
+        if t is None:
+            parts.append((name, (), np.asarray(float(p.numel())), blocks_of.get(name)))
+            continue
+        parts += _tensor_terms(space, t)
+    return parts
+
+
+def _tensor_terms(space: PruningSpace, t: TensorAxes) -> list[tuple[str, tuple[str, ...], np.ndarray, str | None]]:
+    axes = sorted(t.axes)
+    fixed = math.prod(n for i, n in enumerate(t.shape) if i not in t.axes)
+    out = []
+    for combo in itertools.product(*[t.axes[a] for a in axes]):  # one segment per pruned axis
+        dims = tuple(dict.fromkeys(d for s in combo for d in _live(space, (s,))))
+        if len(dims) > 3:
+            raise ValueError(f"parameter {t.name} depends on {len(dims)} dimensions jointly; at most 3 supported")
+        env = _grid(space, dims)
+        table = np.asarray(float(fixed))
+        for s in combo:
+            table = table * _seg_width(space, s, env)
+        out.append((t.name, dims, np.broadcast_to(table, tuple(len(space.dims[d].widths()) for d in dims))
+                    .astype(np.float64), t.block))
+    return out
+
+
+def _mac_terms(space: PruningSpace) -> list[tuple[str, tuple[str, ...], np.ndarray, str | None]]:
+    parts = []
+    for op in space.ops:
+        if op.kind == "node":
+            continue
+        dims = tuple(d for d in op.dims() if space.dims[d].prunable)
+        if op.kind == "attention" and len(dims) == 3:  # heads x (qk + v): two terms of two dims
+            for role in ("qk", "v"):
+                sub = tuple(d for d in dims if d in _live(space, op.roles["heads"] + op.roles[role]))
+                parts.append((f"{op.name}.{role}", sub, _op_macs(space, op, sub, only=role), op.block))
+            continue
+        if len(dims) > 3:
+            raise ValueError(f"op {op.name} depends on {len(dims)} dimensions; at most 3 supported")
+        parts.append((op.name, dims, _op_macs(space, op, dims), op.block))
+    return parts
+
+
+def _op_macs(space: PruningSpace, op, dims: tuple[str, ...], only: str | None = None) -> np.ndarray:
+    env = _grid(space, dims)
+    sizes = {d: env.get(d, space.dims[d].size) for d in space.dims}
+    if only is not None:  # attention cost of one part: heads * tokens^2 * width of that part
+        f = op.fixed
+        return np.asarray(f["batch"] * f["tokens"] ** 2 * _seg_width(space, op.roles["heads"][0], env)
+                          * _seg_width(space, op.roles[only][0], env), dtype=np.float64)
+    return np.asarray(op.macs(sizes), dtype=np.float64) * np.ones(tuple(len(space.dims[d].widths()) for d in dims))
+
+
+def plan_from_solution(space: PruningSpace, solution: Solution, scores: Mapping[str, np.ndarray],
+                       current: Plan | None = None) -> Plan:
+    """The plan of a solution: each dimension keeps its highest-scoring elements at the chosen width (among
+    those ``current`` still keeps)."""
+    if current is None:
+        return Plan.from_sizes(space, dict(solution.widths), scores, solution.removed)
+    kept = current.kept(space)
+    ranked = {}
+    for name in solution.widths:
+        s = np.full(space.dims[name].size, -np.inf)
+        s[kept[name]] = np.asarray(scores[name], dtype=np.float64)[kept[name]]
+        ranked[name] = s
+    sizes = {**current.sizes(space), **solution.widths}
+    sizes = {n: k for n, k in sizes.items() if space.dims[n].prunable}
+    keep = Plan.from_sizes(space, sizes, {**{n: _rank_current(kept[n], space.dims[n].size) for n in sizes}, **ranked})
+    return Plan(keep.keep, sorted(set(solution.removed) | set(current.removed)))
+
+
+def _rank_current(kept: list[int], size: int) -> np.ndarray:
+    """Scores that prefer exactly the currently kept elements (for dims the program did not decide)."""
+    s = np.zeros(size)
+    s[kept] = 1.0
+    return s

@@ -1,0 +1,388 @@
+"""A whole pruning run: measure, prune (one-shot or iterative), slim, recalibrate, fine-tune, report.
+
+Runs alone or under ``torchrun`` (DDP): importance is all-reduced, the plan is solved once on rank 0 and
+broadcast, every rank applies the same masks, and only rank 0 writes the run directory. A checkpoint is
+written every epoch; ``resume=True`` continues from it with the result an uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..apply import Plan, slim
+from ..apply.io import save
+from ..importance import ImportanceAccumulator
+from ..latency import LatencyModel, LatencySettings, TimingSettings, measure_models
+from ..models import create_model, load_checkpoint
+from ..prune import calibrated_model, open_lut, parse_budget
+from ..solve import solve
+from ..solve.from_space import build_problem, plan_from_solution
+from ..space import PruningSpace, analyze
+from . import distributed as dist
+from .bn import recalibrate_bn
+from .data import DataSpec, builtin, image_folder, loader
+from .loop import NaNLoss, TrainConfig, evaluate, make_optimizer, make_scheduler, train_epoch
+from .masking import Masker
+from .rundir import RunDir, seed_everything
+from .schedule import PruneSchedule, budget_path
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (saved as config.json; a resumed run must match it)."""
+
+    model: str = "small_resnet18"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    data: str = "builtin"  # "builtin" (Fashion-MNIST, else digits) or an ImageFolder root with train/ and val/
+    input_size: int | None = None  # ImageFolder image size (default: the model's)
+    train_limit: int | None = None  # use a fixed random subset of the training set
+    val_limit: int | None = None
+    budget: str = "50%"
+    mode: str = "table"
+    blocks: bool = True
+    params_budget: str | None = None
+    macs_budget: str | None = None
+    min_blocks_kept: int = 0
+    schedule: PruneSchedule = field(default_factory=PruneSchedule)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    latency: dict[str, Any] = field(default_factory=dict)  # LatencySettings fields (device, batch, threads ...)
+    lut: str | None = None
+    steps: dict[str, int] = field(default_factory=dict)
+    ignored_layers: list[str] = field(default_factory=list)
+    bn_batches: int = 50
+    solver_time_limit: float = 60.0
+    workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        d["schedule"] = PruneSchedule(**d.get("schedule", {}))
+        d["train"] = TrainConfig(**d.get("train", {}))
+        return cls(**d)
+
+
+def latency_settings(cfg: RunConfig, device: torch.device | None = None) -> LatencySettings:
+    """Latency settings of a run: measured on the run's device unless the config names another."""
+    lat = dict(cfg.latency)
+    timing = TimingSettings(**lat.pop("timing", {}))
+    if device is not None:
+        lat.setdefault("device", str(device))
+    return LatencySettings(timing=timing, **lat)
+
+
+def _data(cfg: RunConfig, model: nn.Module | None, train: bool) -> tuple[Any, DataSpec]:
+    if cfg.data == "builtin":
+        return builtin(train, cfg.train_limit if train else cfg.val_limit, cfg.seed)
+    from ..models import default_input_size
+
+    size = cfg.input_size or (default_input_size(model)[1] if model is not None else 224)
+    ds, spec = image_folder(cfg.data, "train" if train else "val", size, train)
+    limit = cfg.train_limit if train else cfg.val_limit
+    if limit is not None and limit < len(ds):
+        ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(
+            cfg.seed))[:limit].tolist())
+    return ds, spec
+
+
+def _create(name: str, kwargs: dict[str, Any], spec: DataSpec) -> nn.Module:
+    """The model, taking the data's channels: ``in_chans`` where the constructor has it (timm, the zoo)."""
+    try:
+        return create_model(name, **{**kwargs, "in_chans": spec.channels}) if "in_chans" not in kwargs else \
+            create_model(name, **kwargs)
+    except TypeError as e:
+        if "in_chans" not in str(e):
+            raise
+        if spec.channels != 3:
+            raise ValueError(f"{name} takes 3-channel images but the data has {spec.channels}; use a model "
+                             "that accepts in_chans (timm, mdprune.zoo) or RGB data") from None
+        return create_model(name, **kwargs)
+
+
+def plan_digest(plan: Plan) -> str:
+    return hashlib.sha1(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class PruneRun:
+    """One run of ``mdprune prune``. Call :meth:`run`; artifacts land in ``run_dir``."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = False):
+        self.cfg = cfg
+        self.d = dist.init(cfg.device)
+        self.dir = RunDir(run_dir, writer=self.d.main)
+        self.resume = resume
+        self.progress = progress
+
+    def log(self, msg: str) -> None:
+        if self.d.main:
+            self.dir.log(msg)
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        opened = None
+        if self.d.main:
+            try:
+                opened = (self.dir.open(cfg.to_dict(), self.resume), None)
+            except Exception as e:  # noqa: BLE001 - every rank must stop, not only rank 0
+                opened = (False, e)
+        self.resuming, error = dist.broadcast(opened, self.d)
+        if error is not None:
+            raise error
+        kwargs = dict(cfg.model_kwargs)
+        self.train_ds, spec = _data(cfg, None, True)
+        self.val_ds, _ = _data(cfg, None, False)
+        kwargs.setdefault("num_classes", spec.num_classes)
+        self.model = _create(cfg.model, kwargs, spec)
+        if cfg.checkpoint:
+            load_checkpoint(self.model, cfg.checkpoint)
+        self.model.to(self.d.device)
+        x = self.train_ds[0][0].unsqueeze(0).to(self.d.device)
+        self.space: PruningSpace = analyze(self.model, x, steps=cfg.steps, ignored_layers=cfg.ignored_layers)
+        self.train_loader = loader(self.train_ds, cfg.train.batch_size, True, cfg.workers, cfg.seed,
+                                   self.d.enabled)
+        self.val_loader = loader(self.val_ds, 256, False, cfg.workers)
+        self.settings = latency_settings(cfg, self.d.device)
+
+    def _epoch_order(self, epoch: int) -> None:
+        """Data order is a function of (seed, epoch): a resumed run sees what an uninterrupted one would."""
+        sampler = self.train_loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        else:
+            self.train_loader.generator.manual_seed(self.cfg.seed * 100_003 + epoch)
+
+    # ---- the run -----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        try:
+            self.setup()
+            state = None
+            if self.d.main:
+                state = self.dir.load_checkpoint() if self.resuming else self._start()
+            state = dist.broadcast(state, self.d)
+            if self.resuming:
+                self.log(f"resuming: phase {state['phase']}, epoch {state['epoch']}")
+            self.lm = LatencyModel(self.space, open_lut(self.cfg.lut, self.settings), self.cfg.mode,
+                                   self.settings.grid_points, self.settings.grid_points_3d)
+            self.lm.scale, self.lm.constant = state["latency"]["scale"], state["latency"]["constant"]
+            if state["phase"] == "prune":
+                state = self._prune_phase(state)
+            state = self._finetune_phase(state)
+            return self._finish(state)
+        finally:
+            dist.shutdown(self.d)
+
+    def _start(self) -> dict[str, Any]:
+        """Measure the dense model, calibrate the latency model, evaluate the dense model (rank 0)."""
+        cfg = self.cfg
+        self.log(f"analysed {cfg.model}: {self.space.summary()}")
+        table = open_lut(cfg.lut, self.settings)
+        lm, dense = calibrated_model(self.space, table, self.settings, cfg.mode, True, self.progress)
+        target = parse_budget(cfg.budget, dense["ms"])
+        self.log(f"dense latency {dense['ms']:.3f} ms (noise {100 * dense['noise']:.1f}%); target {target:.3f} ms")
+        acc = evaluate(self.model, self.val_loader, self.d.device)
+        self.log(f"dense accuracy {100 * acc['accuracy']:.2f}%")
+        budgets = budget_path(dense["ms"], target, cfg.schedule.steps)
+        return {"phase": "prune", "epoch": 0, "iteration": 0, "step": 0, "plan": Plan().to_dict(),
+                "latency": {"scale": lm.scale, "constant": lm.constant, "dense_ms": dense["ms"],
+                            "noise": dense["noise"], "target_ms": target, "budgets": budgets},
+                "dense_accuracy": acc["accuracy"], "history": []}
+
+    def _solve(self, scores: dict[str, Any], budget: float, current: Plan) -> tuple[Plan, dict[str, Any]]:
+        """Rank 0 solves; every rank gets the same plan."""
+        cfg = self.cfg
+        out = None
+        if self.d.main:
+            try:
+                params = None if cfg.params_budget is None else parse_budget(cfg.params_budget,
+                                                                              self.space.count_params())
+                macs = None if cfg.macs_budget is None else parse_budget(cfg.macs_budget, self.space.count_macs())
+                problem = build_problem(self.space, scores, self.lm, budget, blocks=cfg.blocks, params=params,
+                                        macs=macs, min_blocks_kept=cfg.min_blocks_kept, current=current)
+                sol = solve(problem, time_limit=cfg.solver_time_limit)
+                plan = plan_from_solution(self.space, sol, scores, current)
+                info = {"budget_ms": budget, "predicted_ms": self.lm.predict_plan(plan), "status": sol.status,
+                        "gap": sol.gap, "seconds": sol.seconds, "method": sol.method, "removed": plan.removed}
+                out = (plan.to_dict(), info, None)
+            except Exception as e:  # noqa: BLE001 - every rank must stop, not only rank 0
+                out = (None, None, e)
+        plan_d, info, error = dist.broadcast(out, self.d)
+        if error is not None:
+            raise error
+        return Plan.from_dict(plan_d), info
+
+    def _importance(self, acc: ImportanceAccumulator) -> dict[str, Any]:
+        sums = acc.state()
+        dist.all_reduce_sum_(sums, self.d)
+        acc.load_state(sums)
+        return acc.scores()
+
+    def _prune_phase(self, state: dict[str, Any]) -> dict[str, Any]:
+        cfg, sched = self.cfg, self.cfg.schedule
+        budgets = state["latency"]["budgets"]
+        masker = Masker(self.space, self.model)
+        if "model" in state:
+            masker.model.load_state_dict(state["model"])
+        masker.set_plan(Plan.from_dict(state["plan"]))
+        net = masker.model.to(self.d.device)
+        acc = ImportanceAccumulator(self.space, net)
+        if "importance" in state:
+            acc.load_state(state["importance"])
+        if sched.kind == "oneshot":
+            self._oneshot_importance(net, acc)
+            plan, info = self._solve(self._importance(acc), budgets[0], Plan())
+            self._record(state, 0, plan, info)
+            return self._to_finetune(state, plan, masker)
+
+        ddp = DDP(net) if self.d.enabled else net
+        opt = make_optimizer(net, cfg.train)
+        constant = TrainConfig(**{**asdict(cfg.train), "epochs": 10**6})  # flat LR (after warm-up) while pruning
+        sch = make_scheduler(opt, constant, max(1, len(self.train_loader)))
+        if "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+            sch.load_state_dict(state["scheduler"])
+        masker.hold(opt)
+        done = False
+        while not done:
+            epoch = state["epoch"]
+            self._epoch_order(epoch)
+
+            def after_backward() -> None:
+                acc.step()
+                masker.hold_gradients()
+
+            def after_step(i: int) -> bool:
+                nonlocal done
+                masker.hold(opt)
+                it = state["iteration"]
+                state["iteration"] += 1
+                t = sched.step_at(it)
+                if t is None:
+                    return False
+                plan, info = self._solve(self._importance(acc), budgets[t], masker.plan)
+                masker.set_plan(plan, opt)
+                acc.load_state({k: torch.zeros_like(v) for k, v in acc.state().items()})
+                self._record(state, t, plan, info)
+                done = t == sched.steps - 1
+                return done
+
+            stats = train_epoch(ddp, self.train_loader, opt, sch, cfg.train, self.d.device,
+                                after_backward=after_backward, after_step=after_step)
+            self.log(f"prune epoch {epoch}: loss {stats['loss']:.4f}, train accuracy {100 * stats['accuracy']:.2f}%")
+            state["epoch"] = epoch + 1
+            if not done:
+                self.dir.save_checkpoint({**state, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                                          "scheduler": sch.state_dict(), "importance": acc.state()})
+        return self._to_finetune(state, masker.plan, masker)
+
+    def _oneshot_importance(self, net: nn.Module, acc: ImportanceAccumulator) -> None:
+        net.train()
+        buffers = {k: v.clone() for k, v in net.state_dict().items()}
+        self._epoch_order(0)
+        for i, (x, y) in enumerate(self.train_loader):
+            if i >= self.cfg.schedule.importance_batches:
+                break
+            net.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x.to(self.d.device)), y.to(self.d.device)).backward()
+            acc.step()
+        net.zero_grad(set_to_none=True)
+        net.load_state_dict(buffers)
+
+    def _record(self, state: dict[str, Any], t: int, plan: Plan, info: dict[str, Any]) -> None:
+        state["plan"] = plan.to_dict()
+        state["step"] = t + 1
+        state["history"].append({"step": t, "plan_digest": plan_digest(plan), **info})
+        sys.stdout.write(f"rank {self.d.rank}: pruning step {t} plan {plan_digest(plan)}\n")  # one atomic write
+        sys.stdout.flush()
+        self.log(f"pruning step {t}: budget {info['budget_ms']:.3f} ms, predicted {info['predicted_ms']:.3f} ms, "
+                 f"{len(plan.removed)} blocks removed, solver {info['status']} ({info['seconds']:.2f} s)")
+
+    def _to_finetune(self, state: dict[str, Any], plan: Plan, masker: Masker) -> dict[str, Any]:
+        model = slim(self.space, plan, masker.model).to(self.d.device)
+        self._epoch_order(10**6)
+        n = recalibrate_bn(model, self.train_loader, self.cfg.bn_batches, self.d.device)
+        acc = evaluate(model, self.val_loader, self.d.device)
+        self.log(f"slimmed; BatchNorm recalibrated on {n} batches; accuracy before fine-tuning "
+                 f"{100 * acc['accuracy']:.2f}%")
+        state = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "importance")}
+        state.update({"phase": "finetune", "epoch": 0, "model": model.state_dict(), "pruned_accuracy": acc["accuracy"]})
+        self.dir.save_checkpoint(state)
+        self.dir.write_json("plan.json", state["plan"])
+        return state
+
+    def _finetune_phase(self, state: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        model = slim(self.space, Plan.from_dict(state["plan"])).to(self.d.device)
+        model.load_state_dict(state["model"])
+        ddp = DDP(model) if self.d.enabled else model
+        opt = make_optimizer(model, cfg.train)
+        per_epoch = cfg.train.max_iterations or len(self.train_loader)
+        sch = make_scheduler(opt, cfg.train, min(per_epoch, len(self.train_loader)))  # cosine over fine-tuning
+        if "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+            sch.load_state_dict(state["scheduler"])
+        curve = state.setdefault("curve", [])
+        for epoch in range(state["epoch"], cfg.train.epochs):
+            self._epoch_order(1000 + epoch)
+            try:
+                stats = train_epoch(ddp, self.train_loader, opt, sch, cfg.train, self.d.device)
+            except NaNLoss as e:
+                raise NaNLoss(f"{e} (fine-tuning epoch {epoch}); the last good checkpoint is kept in "
+                              f"{self.dir.checkpoint}") from e
+            acc = evaluate(model, self.val_loader, self.d.device) if self.d.main else {"accuracy": float("nan")}
+            curve.append({"epoch": epoch, "loss": stats["loss"], "accuracy": acc["accuracy"]})
+            self.log(f"fine-tune epoch {epoch}: loss {stats['loss']:.4f}, accuracy {100 * acc['accuracy']:.2f}%")
+            state.update({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sch.state_dict()})
+            self.dir.save_checkpoint(state)
+        state["model"] = model.state_dict()
+        self.final_model = model
+        return state
+
+    def _finish(self, state: dict[str, Any]) -> dict[str, Any]:
+        model = self.final_model
+        if not self.d.main:
+            return {}
+        plan = Plan.from_dict(state["plan"])
+        acc = evaluate(model, self.val_loader, self.d.device)
+        m = measure_models({"dense": slim(self.space, Plan()), "pruned": model}, self.space, self.settings)
+        sizes, removed = plan.sizes(self.space), set(plan.removed)
+        lat = state["latency"]
+        result = {
+            "model": self.cfg.model, "budget": self.cfg.budget, "schedule": self.cfg.schedule.kind,
+            "target_ms": lat["target_ms"], "predicted_ms": self.lm.predict(sizes, removed),
+            "dense_ms_calibration": lat["dense_ms"], "measured_dense_ms": m["dense"].ms,
+            "measured_ms": m["pruned"].ms, "measured_noise": max(m["dense"].noise, m["pruned"].noise),
+            "speedup": m["dense"].ms / m["pruned"].ms,
+            "dense_accuracy": state["dense_accuracy"], "pruned_accuracy": state.get("pruned_accuracy"),
+            "accuracy": acc["accuracy"], "params": [self.space.count_params(), self.space.count_params(sizes, removed)],
+            "macs": [self.space.count_macs(), self.space.count_macs(sizes, removed)],
+            "widths": {d.name: [sizes[d.name], d.size, d.kind, d.block] for d in self.space.prunable_dims()},
+            "blocks": {b.name: b.name not in removed for b in self.space.removable_blocks()},
+            "removed_blocks": sorted(removed), "history": state["history"], "curve": state.get("curve", []),
+            "budgets": lat["budgets"], "latency_model": {"mode": self.cfg.mode, "scale": lat["scale"],
+                                                        "constant": lat["constant"]},
+            "fingerprint": self.settings.fingerprint(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        save(model.cpu(), self.dir.path / "model.pt")
+        self.dir.write_json("result.json", result)
+        self.log(f"done: {100 * result['accuracy']:.2f}% accuracy (dense {100 * result['dense_accuracy']:.2f}%), "
+                 f"{result['measured_ms']:.3f} ms vs dense {result['measured_dense_ms']:.3f} ms measured "
+                 f"({result['speedup']:.2f}x), target {result['target_ms']:.3f} ms")
+        return result

@@ -1,0 +1,208 @@
+"""Latency tables, the latency model and its validation (behaviour only: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import mdprune
+from mdprune import Plan
+from mdprune.latency import (
+    FingerprintMismatch,
+    IncompleteTable,
+    LatencyModel,
+    LatencySettings,
+    LatencyTable,
+    TimingSettings,
+    build,
+    fingerprint,
+    latency_model,
+    measure_many,
+    open_table,
+    random_plans,
+    signature,
+    validate,
+)
+from mdprune.latency.model import interpolate
+from mdprune.latency.ops import ROLES, op_module
+from mdprune.latency.timing import Timer
+
+from .conftest import build as build_model
+
+FAST = TimingSettings(warmup=1, reps=1, rounds=1, min_sample_ms=0.0)
+
+
+def fast_settings(**kw) -> LatencySettings:
+    return LatencySettings(grid_points=2, grid_points_3d=2, chunk=4, timing=TimingSettings(
+        warmup=1, reps=1, rounds=1, min_sample_ms=0.0), **kw)
+
+
+def fake_table(space: mdprune.PruningSpace, f) -> LatencyTable:
+    """A table filled without timing: entry = f(kind, widths)."""
+    table = LatencyTable(fingerprint())
+    lm = LatencyModel(space, table)
+    for op, p in lm.needed():
+        table.put(op, p, f(op.kind, p), 0.0)
+    return table
+
+
+def bilinear(kind: str, p: tuple[int, ...]) -> float:
+    return 1e-3 * float(np.prod(p)) + 0.01  # multilinear in the widths: interpolation is exact everywhere
+
+
+@pytest.mark.parametrize("key", ["tiny_cnn", "tiny_vit"])
+def test_builder_measures_every_needed_point(key, tmp_path):
+    _, _, space = build_model(key)
+    settings = fast_settings()
+    table = open_table(settings, tmp_path)
+    report = build(space, table, settings, progress=False)
+    assert report.remaining == 0 and report.measured == len(LatencyModel(space, table, grid_points=2,
+                                                                            grid_points_3d=2).needed())
+    lm = latency_model(space, table, settings)
+    assert lm.calibrated and lm.predict(space.dense_sizes()) == pytest.approx(
+        table.models[next(iter(table.models))]["ms"])
+    kinds = {e["kind"] for e in table.ops.values()}
+    assert kinds >= ({"conv2d", "linear", "attention", "node"} if key == "tiny_vit" else {"conv2d", "linear"})
+    again = open_table(settings, tmp_path)  # reopened from the cache: nothing left to measure
+    assert build(space, again, settings, progress=False).measured == 0
+
+
+def test_prediction_is_sum_of_entries_plus_constant():
+    _, _, space = build_model("tiny_cnn")
+    lm = LatencyModel(space, fake_table(space, bilinear))
+    lm.calibrate(10.0)
+    for seed in range(4):
+        plan = Plan.random(space, seed=seed, block_prob=0.5)
+        sizes, removed = plan.sizes(space), set(plan.removed)
+        expected = sum(bilinear(op.kind, tuple(op.widths(sizes)[r] for r in ROLES[op.kind]))
+                       for op in space.ops if op.block not in removed)
+        assert lm.predict(sizes, removed) == pytest.approx(lm.constant + expected, rel=1e-9)
+    assert lm.predict(space.dense_sizes()) == pytest.approx(10.0)
+
+
+def test_interpolation_is_exact_at_grid_points():
+    rng = np.random.default_rng(0)
+    axes = [np.array([8, 16, 40]), np.array([4, 12])]
+    values = rng.random((3, 2))
+    for i, a in enumerate(axes[0]):
+        for j, b in enumerate(axes[1]):
+            assert interpolate(axes, values, [np.array(a), np.array(b)]) == pytest.approx(values[i, j])
+    mid = interpolate(axes, values, [np.array(12), np.array(4)])
+    assert mid == pytest.approx(0.5 * (values[0, 0] + values[1, 0]))
+
+
+def test_grid_model_matches_table_at_grid_points():
+    _, _, space = build_model("tiny_vit")
+    rng = np.random.default_rng(1)
+    table = fake_table(space, lambda k, p: float(rng.random()))
+    lm = LatencyModel(space, table, grid_points=2, grid_points_3d=2)
+    for i, g in enumerate(lm.grids):
+        if g.op.kind != "attention":
+            continue
+        p = g.points()[-1]
+        assert lm.op_ms(i, space.dense_sizes()) == pytest.approx(table.get(g.sig, p))
+
+
+def test_linear_model_freezes_input_width():
+    _, _, space = build_model("tiny_cnn")
+    table = fake_table(space, bilinear)
+    lin = LatencyModel(space, table, mode="linear")
+    plan = Plan.uniform(space, 0.5)
+    sizes = plan.sizes(space)
+    i = next(k for k, op in enumerate(space.ops) if op.name == "res.3")
+    dense_in = space.ops[i].widths(space.dense_sizes())["in"]
+    out = space.ops[i].widths(sizes)["out"]
+    assert lin.op_ms(i, sizes) == pytest.approx(bilinear("conv2d", (dense_in, out)))
+    dims, t = lin.term(i)
+    assert dims == ("stem",)  # only the output dimension drives it
+
+
+def test_solver_terms_cover_every_choice():
+    _, _, space = build_model("tiny_vit")
+    lm = LatencyModel(space, fake_table(space, bilinear))
+    i = next(k for k, op in enumerate(space.ops) if op.kind == "attention")
+    dims, t = lm.term(i)
+    assert t.shape == tuple(len(space.dims[d].widths()) for d in dims)
+    sizes = space.dense_sizes()
+    assert t[(-1,) * len(dims)] == pytest.approx(lm.op_ms(i, sizes))
+
+
+def test_table_round_trip_and_foreign_fingerprint(tmp_path):
+    _, _, space = build_model("tiny_cnn")
+    table = fake_table(space, bilinear)
+    table.models["m"] = {"ms": 1.5, "noise": 0.01}
+    path = table.save(tmp_path / "t.json")
+    again = LatencyTable.load(path, expect=fingerprint())
+    assert again.ops == json.loads(json.dumps(table.ops)) and again.models == table.models
+    op = space.ops[0]
+    p = LatencyModel(space, table).grids[0].points()[0]
+    assert again.get(signature(op), p) == table.get(signature(op), p)
+    other = fingerprint(batch=8, threads=2)
+    with pytest.raises(FingerprintMismatch, match=r"batch 1 \(table\) vs 8 \(now\)"):
+        LatencyTable.load(path, expect=other)
+    assert len(LatencyTable.load(path, expect=other, force=True)) == len(table)
+
+
+def test_interrupted_build_resumes_without_measuring_twice(tmp_path):
+    _, _, space = build_model("tiny_cnn")
+    settings = fast_settings()
+    first: list = []
+
+    def stop_after_first_chunk(name, p):
+        first.append((name, p))
+        if len(first) == settings.chunk:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(space, open_table(settings, tmp_path), settings, progress=False, on_point=stop_after_first_chunk)
+    second: list = []
+    report = build(space, open_table(settings, tmp_path), settings, progress=False,
+                   on_point=lambda n, p: second.append((n, p)))
+    needed = LatencyModel(space, open_table(settings, tmp_path), grid_points=2, grid_points_3d=2).needed()
+    assert report.skipped == len(first) and not set(first) & set(second)
+    assert len(first) + len(second) == len(needed)
+
+
+def test_time_budget_stops_early_and_model_refuses_incomplete_table(tmp_path):
+    _, _, space = build_model("tiny_vit")
+    settings = fast_settings()
+    table = open_table(settings, tmp_path)
+    report = build(space, table, settings, progress=False, time_budget=0.0)
+    assert report.measured == 0 and report.remaining > 0
+    with pytest.raises(IncompleteTable, match="lacks"):
+        latency_model(space, table, settings).predict(space.dense_sizes())
+
+
+def test_timer_drops_descheduled_samples():
+    """A call that sleeps uses wall time without CPU time: it looks descheduled and is dropped."""
+    timer = Timer(TimingSettings(reps=2, max_retakes=2))
+    ms, dropped = timer.round(lambda: time.sleep(0.002), inner=1)
+    assert dropped == 4 and ms >= 2.0
+    busy = measure_many({"spin": lambda: sum(range(2000))}, TimingSettings(reps=3, rounds=2))["spin"]
+    assert busy.ms > 0 and len(busy.rounds) == 2
+
+
+def test_op_modules_build_at_any_width():
+    _, _, space = build_model("tiny_vit")
+    for op in space.ops:
+        widths = op.widths(space.dense_sizes())
+        module, inputs = op_module(op.kind, op.fixed, {r: widths[r] for r in ROLES[op.kind]}, batch=3)
+        with torch.no_grad():
+            out = module(*inputs)
+        assert out.shape[0] == 3
+
+
+def test_validation_reports_both_models(tmp_path):
+    _, _, space = build_model("tiny_cnn")
+    settings = fast_settings()
+    table = open_table(settings, tmp_path)
+    build(space, table, settings, progress=False, calibrate=False)
+    v = validate(space, table, settings, random_plans(space, 3, seed=0), progress=False)
+    assert len(v.rows) == 3
+    s = v.summary()
+    assert all(np.isfinite(s[k]) for k in ("table_median_pct", "linear_median_pct", "noise_floor_pct"))
+    assert all(r["measured"] > 0 and r["table"] > 0 for r in v.rows)
