@@ -110,6 +110,23 @@ def test_two_process_gloo_run_has_identical_masks_and_one_set_of_artifacts(tmp_p
     assert names == ["checkpoint.pt", "config.json", "log.txt", "model.pt", "plan.json", "report", "result.json"]
 
 
+def test_image_folder_data(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+            (tmp_path / "images" / split / c).mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (12, 12), tuple(min(255, v + 3 * i) for v in colour)).save(
+                    tmp_path / "images" / split / c / f"{i}.png")
+    cfg = config(tmp_path, model="tests.models:tiny_cnn", model_kwargs={}, data=str(tmp_path / "images"),
+                 input_size=8, train_limit=None, val_limit=None, budget="95%", steps={"channel": 4},
+                 train=TrainConfig(epochs=1, batch_size=4, lr=0.01, max_iterations=2))
+    result = PruneRun(cfg, tmp_path / "run").run()
+    assert result["predicted_ms"] <= result["target_ms"] * (1 + 1e-6)
+    assert mdprune.load(tmp_path / "run" / "model.pt")(torch.randn(1, 3, 8, 8)).shape == (1, 2)
+
+
 def test_bad_inputs_get_clear_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         PruneRun(config(tmp_path, data=str(tmp_path / "missing")), tmp_path / "r1").run()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         train=TrainConfig(epochs=args.finetune_epochs, batch_size=128, lr=0.02, warmup_epochs=0.1, seed=args.seed),
         latency={"device": "cpu", "threads": 1}, device="cpu", seed=args.seed)
     run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = PruneRun(cfg, run_dir).run()
+    result = PruneRun(cfg, run_dir, progress=sys.stderr.isatty()).run()
     from ..report import write_report
 
     files = write_report(result, run_dir / "report")

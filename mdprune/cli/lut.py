@@ -28,7 +28,7 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--backend", default="eager", choices=["eager", "onnxruntime"])
     g.add_argument("--cache", default=None, metavar="DIR", help=f"table cache (default {default_cache_dir()})")
-    g.add_argument("--grid-points", type=int, default=8, help="grid widths per role, 2-role ops (default 8)")
+    g.add_argument("--grid-points", type=int, default=16, help="grid widths per role, 2-role ops (default 16)")
     g.add_argument("--grid-points-3d", type=int, default=5, help="grid widths per role, attention (default 5)")
     g.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     g.add_argument("--reps", type=int, default=5, help="timed samples per round (default 5)")

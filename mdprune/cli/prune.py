@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..train.loop import TrainConfig
@@ -75,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--latency-batch", type=int, default=1, help="batch size latency is measured at (default 1)")
     lat.add_argument("--threads", type=int, default=1, help="CPU threads while measuring (default 1)")
     lat.add_argument("--backend", choices=["eager", "onnxruntime"], default="eager")
-    lat.add_argument("--grid-points", type=int, default=8)
+    lat.add_argument("--grid-points", type=int, default=16, help="grid widths per role (default 16)")
     lat.add_argument("--timing-rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     lat.add_argument("--timing-reps", type=int, default=5, help="timed samples per round (default 5)")
     lat.add_argument("--lut", default=None, help="latency table file or cache directory (default: the cache)")
@@ -108,7 +109,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = run_config(args)
     run_dir = Path(args.run_dir or f"runs/{args.model.replace(':', '_')}-{args.budget.replace('%', 'pct')}")
-    result = PruneRun(cfg, run_dir, resume=args.resume, progress=False).run()
+    result = PruneRun(cfg, run_dir, resume=args.resume, progress=sys.stderr.isatty()).run()
     if result:
         from ..report import write_report
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..progress import progress_bar
 from ..space import PruningSpace
 from .probes import Probe, probes
 
@@ -133,15 +134,18 @@ def estimate(space: PruningSpace, model: nn.Module, batches: Iterable[Any],
     was_training = model.training
     model.train()
     seen = 0
+    total = max_batches if max_batches is not None else _len(batches)
     try:
-        for inputs, targets in _progress(batches, max_batches, progress):
-            if max_batches is not None and seen >= max_batches:
-                break
-            model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs.to(device)), targets.to(device))
-            loss.backward()
-            acc.step()
-            seen += 1
+        with progress_bar(progress, total or 0, "importance") as advance:
+            for inputs, targets in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                model.zero_grad(set_to_none=True)
+                loss = loss_fn(model(inputs.to(device)), targets.to(device))
+                loss.backward()
+                acc.step()
+                seen += 1
+                advance(1)
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -149,12 +153,11 @@ def estimate(space: PruningSpace, model: nn.Module, batches: Iterable[Any],
     return acc.scores(normalize)
 
 
-def _progress(it: Iterable[Any], total: int | None, on: bool) -> Iterable[Any]:
-    if not on:
-        return it
-    from rich.progress import track
-
-    return track(it, total=total, description="importance", transient=True)
+def _len(it: Iterable[Any]) -> int | None:
+    try:
+        return len(it)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def kept_value(scores: np.ndarray, widths: list[int]) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..apply import Plan, slim
+from ..progress import progress_bar
 from ..space import PruningSpace
 from .backends import get_backend
 from .model import LatencyModel
@@ -30,7 +31,7 @@ class LatencySettings:
     threads: int = 1
     dtype: str = "float32"
     backend: str = "eager"
-    grid_points: int = 8  # per role, ops with two roles (convolutions, linear layers)
+    grid_points: int = 16  # per role, ops with two roles (convolutions, linear layers): every width by default
     grid_points_3d: int = 5  # per role, attention (heads x q/k x v)
     chunk: int = 32  # points measured together (interleaved), then saved
     timing: TimingSettings = field(default_factory=TimingSettings)
@@ -91,7 +92,7 @@ def build(space: PruningSpace, table: LatencyTable, settings: LatencySettings, *
     skipped = len(needed) - len(todo)
     backend = get_backend(settings.backend, settings.threads)
     measured = 0
-    with _progress(progress, len(todo), "measuring ops") as bar:
+    with progress_bar(progress, len(todo), "measuring ops") as bar:
         for start in range(0, len(todo), settings.chunk):
             if time_budget is not None and time.monotonic() - t0 > time_budget:
                 break
@@ -126,7 +127,7 @@ def measure_models(models: dict[str, torch.nn.Module], space: PruningSpace, sett
     inputs = example_inputs(space, settings)
     runners = {k: backend.runner(m.to(settings.device, settings.torch_dtype).eval(), inputs)
                for k, m in models.items()}
-    with _progress(progress, settings.timing.rounds, "measuring models") as bar:
+    with progress_bar(progress, settings.timing.rounds, "measuring models") as bar:
         return measure_many(runners, settings.timing, on_round=lambda r: bar(1))
 
 
@@ -138,31 +139,3 @@ def latency_model(space: PruningSpace, table: LatencyTable, settings: LatencySet
     if dense is not None:
         lm.calibrate(dense["ms"])
     return lm
-
-
-class _progress:
-    """A rich progress bar with ETA (or nothing), used as ``with _progress(on, total, text) as advance``."""
-
-    def __init__(self, on: bool, total: int, text: str):
-        self.on, self.total, self.text = on and total > 0, total, text
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.on:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        # no refresh thread: it would compete with the measurements for the CPU
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), auto_refresh=False)
-        self.bar.start()
-        task = self.bar.add_task(self.text, total=self.total)
-
-        def advance(n: int) -> None:
-            self.bar.advance(task, n)
-            self.bar.refresh()
-
-        return advance
-
-    def __exit__(self, *exc: object) -> None:
-        if self.on:
-            self.bar.stop()

@@ -100,7 +100,7 @@ class LatencyModel:
         grid_points_3d: per role for ops with three (attention); every reachable width when larger.
     """
 
-    def __init__(self, space: PruningSpace, table: LatencyTable, mode: str = "table", grid_points: int = 8,
+    def __init__(self, space: PruningSpace, table: LatencyTable, mode: str = "table", grid_points: int = 16,
                  grid_points_3d: int = 5):
         if mode not in ("table", "linear"):
             raise ValueError("mode is 'table' or 'linear'")

@@ -54,19 +54,24 @@ def _linear(fixed: dict[str, Any], w: dict[str, int], batch: int) -> tuple[nn.Mo
 
 
 class AttentionCore(nn.Module):
-    """The part of :class:`mdprune.PrunedAttention` between the projections: softmax(q k^T) v, merged heads."""
+    """The part of :class:`mdprune.PrunedAttention` between the projections: softmax(q k^T) v, merged heads.
+
+    Takes q, k, v as the projections lay them out, (batch, tokens, heads, width), so the strided views and any
+    copies the attention kernel makes of them are timed as in the slim model.
+    """
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, h, n, dv = v.shape
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h * dv)
+        b, n, h, dv = v.shape
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return o.transpose(1, 2).reshape(b, n, h * dv)
 
 
 def _attention(fixed: dict[str, Any], w: dict[str, int], batch: int
                ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     n = fixed["tokens"]
-    q = torch.randn(batch, w["heads"], n, w["qk"])
-    k = torch.randn(batch, w["heads"], n, w["qk"])
-    v = torch.randn(batch, w["heads"], n, w["v"])
+    q = torch.randn(batch, n, w["heads"], w["qk"])
+    k = torch.randn(batch, n, w["heads"], w["qk"])
+    v = torch.randn(batch, n, w["heads"], w["v"])
     return AttentionCore(), (q, k, v)
 
 

@@ -14,7 +14,7 @@ from .blocks import FoundBlock, find_blocks
 from .channels import Propagation, RawOp
 from .epilogue import epilogue
 from .nodes import node_op
-from .space import DEFAULT_STEPS, Block, Dimension, Op, Patch, PruningSpace, Seg, TensorAxes
+from .space import MAX_CHOICES, Block, Dimension, Op, Patch, PruningSpace, Seg, TensorAxes, default_step
 from .trace import record_shapes, trace
 from .values import RawSeg
 
@@ -26,6 +26,7 @@ def analyze(
     steps: Mapping[str, int] | None = None,
     ignored_layers: Iterable[str] = (),
     source: Mapping[str, Any] | None = None,
+    max_choices: int = MAX_CHOICES,
 ) -> PruningSpace:
     """Describe what can be pruned in ``model``.
 
@@ -33,7 +34,9 @@ def analyze(
         model: any ``nn.Module`` that torch.fx can trace (torchvision and timm CNNs and ViTs work as they are).
         example_inputs: a tensor (or tuple of tensors) the model accepts; sets batch, spatial size and tokens.
         steps: pruning step (alignment) per dimension kind (``"channel"``, ``"embed"``, ``"mlp"``, ``"heads"``,
-            ``"qk"``, ``"v"``, ``"linear"``) or per dimension name; defaults in ``DEFAULT_STEPS``.
+            ``"qk"``, ``"v"``, ``"linear"``) or per dimension name. By default a kind's base step
+            (``DEFAULT_STEPS``) doubled until a dimension has at most ``max_choices`` widths.
+        max_choices: the most widths a dimension offers by default (16).
         ignored_layers: names of modules to keep whole: traced as opaque, every channel they touch is kept.
         source: how to rebuild the base model for :func:`mdprune.load` (``{"name": ..., "kwargs": {...}}``);
             taken from the model if it was made by :func:`mdprune.create_model`.
@@ -62,12 +65,12 @@ def analyze(
     steps = dict(steps or {})
     if source is None:
         source = getattr(model, "_mdprune_source", None)
-    return _assemble(gm, prop, found, compute, steps, ignored, inputs, source)
+    return _assemble(gm, prop, found, compute, steps, ignored, inputs, source, max_choices)
 
 
 def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], compute: set[str],
               steps: dict[str, int], ignored: tuple[str, ...], inputs: tuple[torch.Tensor, ...],
-              source: Mapping[str, Any] | None) -> PruningSpace:
+              source: Mapping[str, Any] | None, max_choices: int) -> PruningSpace:
     nodes = {n.name: n for n in gm.graph.nodes}
     state = dict(gm.state_dict(keep_vars=True))
 
@@ -122,7 +125,7 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
     for r in roots:
         info, name = prop.spaces[r], names[r]
         kind = "embed" if info.normalized else info.kind
-        step = steps.get(name, steps.get(kind, DEFAULT_STEPS.get(kind, 1)))
+        step = steps.get(name, steps.get(kind, default_step(kind, info.size, max_choices)))
         reasons = list(dict.fromkeys(info.protected))
         dims[name] = Dimension(name, kind, info.size, step, protected="; ".join(reasons) or None)
     for d in dims.values():  # a dimension lies in a block when all its tensors do
@@ -144,7 +147,7 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
                    for m, a in prop.attention.items()},
         input_shapes=[tuple(x.shape) for x in inputs],
         source=dict(source) if source is not None else None,
-        options={"steps": steps, "ignored_layers": list(ignored)},
+        options={"steps": steps, "ignored_layers": list(ignored), "max_choices": max_choices},
     )
 
 

@@ -24,6 +24,7 @@ from ..apply.io import save
 from ..importance import ImportanceAccumulator
 from ..latency import LatencyModel, LatencySettings, TimingSettings, measure_models
 from ..models import create_model, load_checkpoint
+from ..progress import progress_bar
 from ..prune import calibrated_model, open_lut, parse_budget
 from ..solve import solve
 from ..solve.from_space import build_problem, plan_from_solution
@@ -168,6 +169,10 @@ class PruneRun:
         else:
             self.train_loader.generator.manual_seed(self.cfg.seed * 100_003 + epoch)
 
+    def _bar(self, text: str) -> progress_bar:
+        n = len(self.train_loader)
+        return progress_bar(self.progress and self.d.main, min(n, self.cfg.train.max_iterations or n), text)
+
     # ---- the run -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         try:
@@ -282,8 +287,9 @@ class PruneRun:
                 done = t == sched.steps - 1
                 return done
 
-            stats = train_epoch(ddp, self.train_loader, opt, sch, cfg.train, self.d.device,
-                                after_backward=after_backward, after_step=after_step)
+            with self._bar(f"prune epoch {epoch}") as bar:
+                stats = train_epoch(ddp, self.train_loader, opt, sch, cfg.train, self.d.device,
+                                    after_backward=after_backward, after_step=after_step, progress=bar)
             self.log(f"prune epoch {epoch}: loss {stats['loss']:.4f}, train accuracy {100 * stats['accuracy']:.2f}%")
             state["epoch"] = epoch + 1
             if not done:
@@ -341,7 +347,8 @@ class PruneRun:
         for epoch in range(state["epoch"], cfg.train.epochs):
             self._epoch_order(1000 + epoch)
             try:
-                stats = train_epoch(ddp, self.train_loader, opt, sch, cfg.train, self.d.device)
+                with self._bar(f"fine-tune epoch {epoch}") as bar:
+                    stats = train_epoch(ddp, self.train_loader, opt, sch, cfg.train, self.d.device, progress=bar)
             except NaNLoss as e:
                 raise NaNLoss(f"{e} (fine-tuning epoch {epoch}); the last good checkpoint is kept in "
                               f"{self.dir.checkpoint}") from e
