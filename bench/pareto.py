@@ -37,6 +37,7 @@ from mdprune.solve.from_space import build_problem, plan_from_solution
 from mdprune.train.bn import recalibrate_bn
 from mdprune.train.data import builtin, loader
 from mdprune.train.loop import TrainConfig, evaluate, make_optimizer, make_scheduler, train_epoch
+from mdprune.train.schedule import budget_path
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path.home() / ".cache" / "mdprune" / "bench"
@@ -121,11 +122,17 @@ class Pruner:
                                          max_batches=16)
         return self.scores[seed]
 
-    def prune(self, budget: float, mode: str, blocks: bool, train, seed: int) -> nn.Module:
-        lm = self.models[mode]
+    def prune(self, budget: float, mode: str, blocks: bool, train, seed: int, steps: int = 4) -> nn.Module:
+        """Every variant steps down the same exponential latency path (importance fixed), as HALP's linear
+        model needs: it freezes input widths at their current values, so one step from dense cannot see
+        that shrinking a layer's input makes it faster."""
         scores = self.importance(train, seed)
-        problem = build_problem(self.space, scores, lm, budget * self.dense_ms["ms"], blocks=blocks)
-        plan = plan_from_solution(self.space, solve(problem), scores)
+        plan = mdprune.Plan()
+        dense = self.dense_ms["ms"]
+        for b in budget_path(dense, budget * dense, steps):
+            lm = self.models[mode].frozen_at(plan.sizes(self.space)) if mode == "linear" else self.models[mode]
+            problem = build_problem(self.space, scores, lm, b, blocks=blocks, current=plan)
+            plan = plan_from_solution(self.space, solve(problem), scores, plan)
         return mdprune.slim(self.space, plan)
 
 

@@ -121,6 +121,17 @@ def test_linear_model_freezes_input_width():
     assert dims == ("stem",)  # only the output dimension drives it
 
 
+def test_linear_model_frozen_at_current_widths():
+    _, _, space = build_model("tiny_cnn")
+    lin = LatencyModel(space, fake_table(space, bilinear), mode="linear")
+    current = Plan.uniform(space, 0.5).sizes(space)
+    i = next(k for k, op in enumerate(space.ops) if op.name == "res.3")
+    now = lin.frozen_at(current)
+    w_in = space.ops[i].widths(current)["in"]
+    assert now.op_ms(i, space.dense_sizes()) == pytest.approx(
+        bilinear("conv2d", (w_in, space.ops[i].widths(space.dense_sizes())["out"])))
+
+
 def test_solver_terms_cover_every_choice():
     _, _, space = build_model("tiny_vit")
     lm = LatencyModel(space, fake_table(space, bilinear))

@@ -5,8 +5,9 @@ where ``T_op`` interpolates (multilinearly) the table on a grid of each role's r
 ``constant`` (and optionally ``scale``) are calibrated on end-to-end measurements so that the dense
 prediction equals the dense model's measured latency.
 
-``mode="linear"`` is HALP's model, kept as a baseline: every op's input width frozen at its dense value,
-so an op's latency depends only on its own output-side dimensions.
+``mode="linear"`` is HALP's model, kept as a baseline: every op's input width frozen at its current value (the
+dense one, or those of :meth:`LatencyModel.frozen_at` while pruning iteratively), so an op's latency depends
+only on its own output-side dimensions.
 """
 
 from __future__ import annotations
@@ -101,31 +102,36 @@ class LatencyModel:
     """
 
     def __init__(self, space: PruningSpace, table: LatencyTable, mode: str = "table", grid_points: int = 16,
-                 grid_points_3d: int = 5):
+                 grid_points_3d: int = 5, frozen_sizes: dict[str, int] | None = None):
         if mode not in ("table", "linear"):
             raise ValueError("mode is 'table' or 'linear'")
         self.space, self.table, self.mode = space, table, mode
+        self.grid_points, self.grid_points_3d = grid_points, grid_points_3d
+        self.frozen_sizes = dict(frozen_sizes or space.dense_sizes())
         self.constant = 0.0
         self.scale = 1.0
         self.calibrated = False
         self.grids = [self._grid(op, grid_points, grid_points_3d) for op in space.ops]
         self._values: list[np.ndarray] | None = None
 
+    def frozen_at(self, sizes: dict[str, int]) -> LatencyModel:
+        """The same model with input widths frozen at ``sizes`` (HALP's "current" widths while pruning)."""
+        lm = LatencyModel(self.space, self.table, self.mode, self.grid_points, self.grid_points_3d, sizes)
+        lm.constant, lm.scale, lm.calibrated, lm._values = self.constant, self.scale, self.calibrated, self._values
+        return lm
+
     def _grid(self, op: Op, n2: int, n3: int) -> OpGrid:
         roles = ROLES[op.kind]
         n = n2 if len(roles) <= 2 else n3
-        dense = op.widths(self.space.dense_sizes())
         frozen = {}
         if self.mode == "linear" and "in" in op.roles:
             in_dims = {d for s in op.roles["in"] for d in s.dims}
             out_dims = {d for s in op.roles["out"] for d in s.dims}
             if not in_dims & out_dims:  # a depthwise conv's input is its output: not frozen
-                frozen["in"] = dense["in"]
+                frozen["in"] = op.widths(self.frozen_sizes)["in"]
         axes = []
         for r in roles:
-            if r in frozen:
-                axes.append(np.asarray([frozen[r]]))
-            elif op.kind == "conv2d" and op.fixed["depthwise"] and r == "out":
+            if op.kind == "conv2d" and op.fixed["depthwise"] and r == "out":
                 axes.append(axes[0])  # in == out
             else:
                 axes.append(pick(role_widths(self.space, op.roles[r]), n))

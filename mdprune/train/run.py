@@ -218,7 +218,8 @@ class PruneRun:
                 params = None if cfg.params_budget is None else parse_budget(cfg.params_budget,
                                                                               self.space.count_params())
                 macs = None if cfg.macs_budget is None else parse_budget(cfg.macs_budget, self.space.count_macs())
-                problem = build_problem(self.space, scores, self.lm, budget, blocks=cfg.blocks, params=params,
+                lm = self.lm.frozen_at(current.sizes(self.space)) if cfg.mode == "linear" else self.lm
+                problem = build_problem(self.space, scores, lm, budget, blocks=cfg.blocks, params=params,
                                         macs=macs, min_blocks_kept=cfg.min_blocks_kept, current=current)
                 sol = solve(problem, time_limit=cfg.solver_time_limit)
                 plan = plan_from_solution(self.space, sol, scores, current)
