@@ -172,15 +172,26 @@ def latency_ratio(model: nn.Module, dense: nn.Module, space, settings: LatencySe
     return m["model"].ms, m["dense"].ms, m["model"].ms / m["dense"].ms
 
 
-def tp_ratio_at_budget(dense, x, space, budget, global_pruning, importance, train, settings) -> float:
-    """Bisection on Torch-Pruning's ratio until the measured latency ratio is just within the budget."""
-    lo, hi = 0.0, 0.95
-    for _ in range(6):
+def tp_ratio_at_budget(dense, x, space, budget, global_pruning, importance, train, settings
+                       ) -> tuple[float | None, float]:
+    """The smallest Torch-Pruning ratio whose measured latency ratio is within the budget: a sweep of ratios
+    (latency is not monotonic in the ratio near the top, where layers cannot shrink further), then bisection
+    below the first ratio that fits. Returns (ratio or None if no ratio fits, smallest latency ratio seen)."""
+    def lat(r: float) -> float:
+        return latency_ratio(tp_prune(dense, x, r, global_pruning, importance, train, 0), dense, space,
+                             settings)[2]
+
+    sweep = [(r, lat(r)) for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    best = min(v for _, v in sweep)
+    fits = [r for r, v in sweep if v <= budget]
+    if not fits:
+        return None, best
+    hi = min(fits)
+    lo = max((r for r, _ in sweep if r < hi), default=0.0)
+    for _ in range(3):
         mid = (lo + hi) / 2
-        _, _, r = latency_ratio(tp_prune(dense, x, mid, global_pruning, importance, train, 0), dense, space,
-                                settings)
-        lo, hi = (lo, mid) if r <= budget else (mid, hi)
-    return hi
+        lo, hi = (lo, mid) if lat(mid) <= budget else (mid, hi)
+    return hi, best
 
 
 # ---- the benchmark -----------------------------------------------------------------------------------------
@@ -196,7 +207,7 @@ def run(args: argparse.Namespace) -> dict:
         x = train[0][0].unsqueeze(0)
         pruner = Pruner(dense, x, settings, lut)
         space = pruner.space
-        tp_ratio: dict[tuple[str, float], float] = {}
+        tp_ratio: dict[tuple[str, float], tuple[float | None, float]] = {}
         acc0 = evaluate(dense, loader(test, 512, False), torch.device("cpu"))["accuracy"]
         rows = []
         log(f"{name}: dense test accuracy {100 * acc0:.2f}%")
@@ -212,7 +223,12 @@ def run(args: argparse.Namespace) -> dict:
                     if (method, budget) not in tp_ratio:  # the ratio matching the budget, searched once
                         tp_ratio[(method, budget)] = tp_ratio_at_budget(dense, x, space, budget, glob, imp, train,
                                                                         settings)
-                    candidates[method] = tp_prune(dense, x, tp_ratio[(method, budget)], glob, imp, train, seed)
+                    ratio, lowest = tp_ratio[(method, budget)]
+                    if ratio is None:
+                        rows.append({"method": method, "budget": budget, "seed": seed, "unreachable":
+                                     f"no pruning ratio fits: the lowest measured latency was {lowest:.1%} of dense"})
+                        continue
+                    candidates[method] = tp_prune(dense, x, ratio, glob, imp, train, seed)
                 for method, model in candidates.items():
                     t = time.monotonic()
                     model = finetune(model, name, train, args.finetune_iterations, seed)

@@ -74,6 +74,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lat = p.add_argument_group("latency measurement")
     lat.add_argument("--latency-device", default=None, help="where latency is measured (default: --device)")
     lat.add_argument("--latency-batch", type=int, default=1, help="batch size latency is measured at (default 1)")
+    lat.add_argument("--latency-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                     help="precision latency is measured at (half precision: cuda only)")
     lat.add_argument("--threads", type=int, default=1, help="CPU threads while measuring (default 1)")
     lat.add_argument("--backend", choices=["eager", "onnxruntime"], default="eager")
     lat.add_argument("--grid-points", type=int, default=16, help="grid widths per role (default 16)")
@@ -89,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     latency = {"batch": args.latency_batch, "threads": args.threads, "backend": args.backend,
+               "dtype": args.latency_dtype,
                "grid_points": args.grid_points,
                "timing": {"rounds": args.timing_rounds, "reps": args.timing_reps}}
     if args.latency_device:
