@@ -34,3 +34,15 @@ def test_unknown_model_is_a_clear_error(capsys):
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "mdprune", "--help"], capture_output=True, text=True, check=True)
     assert "inspect" in r.stdout
+
+
+def test_every_package_folder_is_a_regular_package():
+    """A folder without __init__.py would be left out of the wheel."""
+    from pathlib import Path
+
+    import mdprune
+
+    root = Path(mdprune.__file__).parent
+    missing = [str(d.relative_to(root)) for d in root.rglob("*") if d.is_dir() and d.name != "__pycache__"
+               and any(d.glob("*.py")) and not (d / "__init__.py").exists()]
+    assert not missing

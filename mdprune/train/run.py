@@ -11,7 +11,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..apply import Plan, slim
 from ..apply.io import save
 from ..importance import ImportanceAccumulator
-from ..latency import LatencyModel, LatencySettings, TimingSettings, measure_models
-from ..models import create_model, load_checkpoint
+from ..latency import LatencyModel, measure_models
+from ..models import load_checkpoint
 from ..progress import progress_bar
 from ..prune import calibrated_model, open_lut, parse_budget
 from ..solve import solve
@@ -31,88 +31,14 @@ from ..solve.from_space import build_problem, plan_from_solution
 from ..space import PruningSpace, analyze
 from . import distributed as dist
 from .bn import recalibrate_bn
-from .data import DataSpec, builtin, image_folder, loader
+from .config import RunConfig, latency_settings, run_data, run_model
+from .data import loader
 from .loop import NaNLoss, TrainConfig, evaluate, make_optimizer, make_scheduler, train_epoch
 from .masking import Masker
 from .rundir import RunDir, seed_everything
-from .schedule import PruneSchedule, budget_path
+from .schedule import budget_path
 
-
-@dataclass
-class RunConfig:
-    """Everything that defines a run (saved as config.json; a resumed run must match it)."""
-
-    model: str = "small_resnet18"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    checkpoint: str | None = None
-    data: str = "builtin"  # "builtin" (Fashion-MNIST, else digits) or an ImageFolder root with train/ and val/
-    input_size: int | None = None  # ImageFolder image size (default: the model's)
-    train_limit: int | None = None  # use a fixed random subset of the training set
-    val_limit: int | None = None
-    budget: str = "50%"
-    mode: str = "table"
-    blocks: bool = True
-    params_budget: str | None = None
-    macs_budget: str | None = None
-    min_blocks_kept: int = 0
-    schedule: PruneSchedule = field(default_factory=PruneSchedule)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    latency: dict[str, Any] = field(default_factory=dict)  # LatencySettings fields (device, batch, threads ...)
-    lut: str | None = None
-    steps: dict[str, int] = field(default_factory=dict)
-    ignored_layers: list[str] = field(default_factory=list)
-    bn_batches: int = 50
-    solver_time_limit: float = 60.0
-    workers: int = 0
-    device: str = "auto"
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        d = dict(d)
-        d["schedule"] = PruneSchedule(**d.get("schedule", {}))
-        d["train"] = TrainConfig(**d.get("train", {}))
-        return cls(**d)
-
-
-def latency_settings(cfg: RunConfig, device: torch.device | None = None) -> LatencySettings:
-    """Latency settings of a run: measured on the run's device unless the config names another."""
-    lat = dict(cfg.latency)
-    timing = TimingSettings(**lat.pop("timing", {}))
-    if device is not None:
-        lat.setdefault("device", str(device))
-    return LatencySettings(timing=timing, **lat)
-
-
-def _data(cfg: RunConfig, model: nn.Module | None, train: bool) -> tuple[Any, DataSpec]:
-    if cfg.data == "builtin":
-        return builtin(train, cfg.train_limit if train else cfg.val_limit, cfg.seed)
-    from ..models import default_input_size
-
-    size = cfg.input_size or (default_input_size(model)[1] if model is not None else 224)
-    ds, spec = image_folder(cfg.data, "train" if train else "val", size, train)
-    limit = cfg.train_limit if train else cfg.val_limit
-    if limit is not None and limit < len(ds):
-        ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(
-            cfg.seed))[:limit].tolist())
-    return ds, spec
-
-
-def _create(name: str, kwargs: dict[str, Any], spec: DataSpec) -> nn.Module:
-    """The model, taking the data's channels: ``in_chans`` where the constructor has it (timm, the zoo)."""
-    try:
-        return create_model(name, **{**kwargs, "in_chans": spec.channels}) if "in_chans" not in kwargs else \
-            create_model(name, **kwargs)
-    except TypeError as e:
-        if "in_chans" not in str(e):
-            raise
-        if spec.channels != 3:
-            raise ValueError(f"{name} takes 3-channel images but the data has {spec.channels}; use a model "
-                             "that accepts in_chans (timm, mdprune.zoo) or RGB data") from None
-        return create_model(name, **kwargs)
+__all__ = ["PruneRun", "RunConfig", "plan_digest"]
 
 
 def plan_digest(plan: Plan) -> str:
@@ -147,10 +73,10 @@ class PruneRun:
         if error is not None:
             raise error
         kwargs = dict(cfg.model_kwargs)
-        self.train_ds, spec = _data(cfg, None, True)
-        self.val_ds, _ = _data(cfg, None, False)
+        self.train_ds, spec = run_data(cfg, None, True)
+        self.val_ds, _ = run_data(cfg, None, False)
         kwargs.setdefault("num_classes", spec.num_classes)
-        self.model = _create(cfg.model, kwargs, spec)
+        self.model = run_model(cfg.model, kwargs, spec)
         if cfg.checkpoint:
             load_checkpoint(self.model, cfg.checkpoint)
         self.model.to(self.d.device)

@@ -1,0 +1,91 @@
+"""What defines a pruning run (saved as config.json), and the data, model and latency settings it implies."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..latency import LatencySettings, TimingSettings
+from ..models import create_model, default_input_size
+from .data import DataSpec, builtin, image_folder
+from .loop import TrainConfig
+from .schedule import PruneSchedule
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (saved as config.json; a resumed run must match it)."""
+
+    model: str = "small_resnet18"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    data: str = "builtin"  # "builtin" (Fashion-MNIST, else digits) or an ImageFolder root with train/ and val/
+    input_size: int | None = None  # ImageFolder image size (default: the model's)
+    train_limit: int | None = None  # use a fixed random subset of the training set
+    val_limit: int | None = None
+    budget: str = "50%"
+    mode: str = "table"
+    blocks: bool = True
+    params_budget: str | None = None
+    macs_budget: str | None = None
+    min_blocks_kept: int = 0
+    schedule: PruneSchedule = field(default_factory=PruneSchedule)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    latency: dict[str, Any] = field(default_factory=dict)  # LatencySettings fields (device, batch, threads ...)
+    lut: str | None = None
+    steps: dict[str, int] = field(default_factory=dict)
+    ignored_layers: list[str] = field(default_factory=list)
+    bn_batches: int = 50
+    solver_time_limit: float = 60.0
+    workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        d["schedule"] = PruneSchedule(**d.get("schedule", {}))
+        d["train"] = TrainConfig(**d.get("train", {}))
+        return cls(**d)
+
+
+def latency_settings(cfg: RunConfig, device: torch.device | None = None) -> LatencySettings:
+    """Latency settings of a run: measured on the run's device unless the config names another."""
+    lat = dict(cfg.latency)
+    timing = TimingSettings(**lat.pop("timing", {}))
+    if device is not None:
+        lat.setdefault("device", str(device))
+    return LatencySettings(timing=timing, **lat)
+
+
+def run_data(cfg: RunConfig, model: nn.Module | None, train: bool) -> tuple[Any, DataSpec]:
+    if cfg.data == "builtin":
+        return builtin(train, cfg.train_limit if train else cfg.val_limit, cfg.seed)
+    size = cfg.input_size or (default_input_size(model)[1] if model is not None else 224)
+    ds, spec = image_folder(cfg.data, "train" if train else "val", size, train)
+    limit = cfg.train_limit if train else cfg.val_limit
+    if limit is not None and limit < len(ds):
+        ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(
+            cfg.seed))[:limit].tolist())
+    return ds, spec
+
+
+def run_model(name: str, kwargs: dict[str, Any], spec: DataSpec) -> nn.Module:
+    """The model, taking the data's channels: ``in_chans`` where the constructor has it (timm, the zoo)."""
+    try:
+        return create_model(name, **{**kwargs, "in_chans": spec.channels}) if "in_chans" not in kwargs else \
+            create_model(name, **kwargs)
+    except TypeError as e:
+        if "in_chans" not in str(e):
+            raise
+        if spec.channels != 3:
+            raise ValueError(f"{name} takes 3-channel images but the data has {spec.channels}; use a model "
+                             "that accepts in_chans (timm, mdprune.zoo) or RGB data") from None
+        return create_model(name, **kwargs)
