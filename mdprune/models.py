@@ -69,13 +69,22 @@ def rebuild(source: Mapping[str, Any]) -> nn.Module:
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) the model expects: timm's pretrained config, else 3x224x224."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size")
+    """(channels, height, width) the model expects.
+
+    Channels come from the first convolution (a 1-channel model gets 1-channel inputs); the size from timm's
+    patch embedding or pretrained config, a ``default_input_size`` attribute (mdprune's small models), else 224.
+    """
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first_conv.in_channels if first_conv is not None else 3
     patch = getattr(model, "patch_embed", None)
     if patch is not None and getattr(patch, "img_size", None):
-        return (3, *patch.img_size)
-    return tuple(size) if size else (3, 224, 224)
+        return (channels, *patch.img_size)
+    own = getattr(model, "default_input_size", None)
+    if isinstance(own, tuple) and len(own) == 2:
+        return (channels, *own)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size")
+    return (channels, *size[1:]) if size else (channels, 224, 224)
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Module:

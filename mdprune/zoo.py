@@ -26,6 +26,7 @@ class SmallResNet(ResNet):
         self.layer3 = self._make_layer(BasicBlock, widths[2], layers[2], stride=2)
         self.layer4 = self._make_layer(BasicBlock, widths[3], layers[3], stride=2)
         self.fc = nn.Linear(widths[3], num_classes)
+        self.default_input_size = (28, 28)  # Fashion-MNIST; any size works
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -37,8 +37,8 @@ FAST = TimingSettings(warmup=1, reps=1, rounds=1, min_sample_ms=0.0)
 
 
 def fast_settings(**kw) -> LatencySettings:
-    return LatencySettings(grid_points=2, grid_points_3d=2, chunk=4, timing=TimingSettings(
-        warmup=1, reps=1, rounds=1, min_sample_ms=0.0), **kw)
+    kw = {"grid_points": 2, "grid_points_3d": 2, "chunk": 4, **kw}
+    return LatencySettings(timing=TimingSettings(warmup=1, reps=1, rounds=1, min_sample_ms=0.0), **kw)
 
 
 def fake_table(space: mdprune.PruningSpace, f) -> LatencyTable:
@@ -217,3 +217,78 @@ def test_validation_reports_both_models(tmp_path):
     s = v.summary()
     assert all(np.isfinite(s[k]) for k in ("table_median_pct", "linear_median_pct", "noise_floor_pct"))
     assert all(r["measured"] > 0 and r["table"] > 0 for r in v.rows)
+
+
+def test_a_point_measured_again_keeps_its_fastest_value_and_counts():
+    _, _, space = build_model("tiny_cnn")
+    op = space.ops[0]
+    table = LatencyTable(fingerprint())
+    table.put(op, (1, 2), 0.5, 0.1)
+    table.put(op, (1, 2), 0.7, 0.0)
+    assert table.entry(signature(op), (1, 2)) == (0.5, 0.1, 2)
+    table.put(op, (1, 2), 0.3, 0.2)
+    assert table.entry(signature(op), (1, 2)) == (0.3, 0.2, 3)
+    table.ops[signature(op)]["points"]["4x4"] = [1.0, 0.0]  # a point written before counts existed
+    assert table.entry(signature(op), (4, 4)) == (1.0, 0.0, 1)
+
+
+def test_build_remeasures_a_spike_and_stops_after_its_rechecks(tmp_path):
+    _, _, space = build_model("tiny_cnn")
+    settings = fast_settings(grid_points=3)
+    table = open_table(settings, tmp_path)
+    build(space, table, settings, progress=False)
+    lm = LatencyModel(space, table, grid_points=3, grid_points_3d=2)
+    g = next(g for g in lm.grids if g.op.kind == "conv2d" and not g.op.fixed["depthwise"]
+             and [len(a) for a in g.axes] == [3, 3])
+    p = g.points()[4]  # the middle of a 3 x 3 grid: four neighbours
+    table.ops[g.sig]["points"]["x".join(map(str, p))] = [1000.0, 0.0, 1]  # measured while the machine stalled
+    report = build(space, table, settings, progress=False)
+    ms, _, times = table.entry(g.sig, p)
+    assert report.measured == 0 and report.rechecked >= 1
+    assert ms < 1000.0 and 2 <= times <= 1 + settings.recheck
+    for _ in range(settings.recheck + 1):
+        build(space, table, settings, progress=False)
+    assert table.entry(g.sig, p)[2] <= 1 + settings.recheck
+
+
+def test_suspects_are_noisy_points_and_spikes_above_every_neighbour():
+    from mdprune.latency.build import suspects
+
+    _, _, space = build_model("tiny_cnn")
+    settings = fast_settings(grid_points=3)
+    table = fake_table(space, lambda kind, p: 0.01 * float(np.prod(p)) + 0.1)
+    lm = LatencyModel(space, table, grid_points=3, grid_points_3d=2)
+    assert suspects(lm, table, settings) == []
+    g = next(g for g in lm.grids if g.op.kind == "conv2d" and not g.op.fixed["depthwise"]
+             and [len(a) for a in g.axes] == [3, 3])
+    corner, middle = g.points()[-1], g.points()[4]
+    table.ops[g.sig]["points"]["x".join(map(str, corner))][1] = 0.5  # noisy
+    key = "x".join(map(str, middle))
+    table.ops[g.sig]["points"][key][0] *= 3  # a spike
+    found = {(signature(op), p) for op, p in suspects(lm, table, settings)}
+    assert found == {(g.sig, corner), (g.sig, middle)}
+    table.ops[g.sig]["points"][key][2] = 1 + settings.recheck  # re-checked enough already
+    assert {p for _, p in suspects(lm, table, settings)} == {corner}
+
+
+def test_load_watch_flags_chunks_whose_canary_ran_slow():
+    from mdprune.latency.backends import EagerBackend
+    from mdprune.latency.loadwatch import CANARY_KEY, LoadWatch
+    from mdprune.latency.timing import Measurement
+
+    watch = LoadWatch(EagerBackend(), 1, "cpu", torch.float32)
+    runners: dict = {}
+    watch.add_to(runners)
+    assert runners[CANARY_KEY]() is not None  # the canary runs
+    for points, ms in ((["a", "b"], 1.0), (["c"], 1.5), (["d"], 1.05), (["e"], 0.9)):
+        watch.record(points, {CANARY_KEY: Measurement(ms, 0.0)})
+    assert watch.best == 0.9 and watch.worst_slowdown == pytest.approx(0.5)
+    assert watch.take_slow(0.1) == ["a", "b", "c", "d"]  # all more than 10% slower than the best (0.9)
+    assert watch.take_slow(0.1) == []  # forgotten once handed out
+
+
+def test_a_table_measured_by_another_method_version_is_refused(tmp_path):
+    old = LatencyTable({**fingerprint(), "method": 1})
+    path = old.save(tmp_path / "old.json")
+    with pytest.raises(FingerprintMismatch, match="method 1 \\(table\\) vs 2 \\(now\\)"):
+        LatencyTable.load(path, expect=fingerprint())

@@ -98,3 +98,69 @@ def test_budget_parsing():
     assert parse_budget("50%", 8.0) == 4.0 and parse_budget(3, 8.0) == 3.0 and parse_budget("2.5ms", 1) == 2.5
     with pytest.raises(ValueError, match="cannot read budget"):
         parse_budget("fast", 1.0)
+
+
+def _fake_measurements(lm: LatencyModel, error: float):
+    """measure_models as if the slim model ran ``error`` slower than predicted (the dense one as predicted)."""
+    from mdprune.latency import Measurement
+
+    plans = []
+
+    def measure(models, space, settings, progress=False):
+        plan = plans[-1]
+        return {"dense": Measurement(lm.predict(space.dense_sizes()), 0.0),
+                "pruned": Measurement(lm.predict_plan(plan) * (1 + error), 0.0)}
+    return plans, measure
+
+
+@pytest.mark.parametrize("error, rounds", [(0.25, 3), (0.25, 0), (0.0, 3)])
+def test_a_plan_that_misses_its_budget_on_measurement_is_solved_again_tighter(monkeypatch, error, rounds):
+    from mdprune import budget_check
+
+    _, _, space = build("tiny_cnn")
+    lm, scores = _fake(space), _scores(space)
+    dense = lm.predict(space.dense_sizes())
+    target = 0.7 * dense
+    plans, fake = _fake_measurements(lm, error)
+    monkeypatch.setattr(budget_check, "measure_models", fake)
+    budgets = []
+
+    def solve_at(ms):
+        budgets.append(ms)
+        plan = plan_from_solution(space, solve(build_problem(space, scores, lm, ms)), scores)
+        plans.append(plan)
+        return plan, None
+
+    plan, _, checks = budget_check.solve_within_measured_budget(space, lm, FAST, solve_at, target, dense,
+                                                                rounds=rounds)
+    assert len(checks) == len(budgets) <= rounds + 1
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] == target
+    assert [c["budget_ms"] for c in checks] == budgets
+    last = checks[-1]
+    if error == 0.0 or rounds == 0:
+        assert len(budgets) == 1
+    else:  # tightened until the measured fraction meets the target (within 3%)
+        assert len(budgets) > 1 and last["fraction"] <= last["target_fraction"] * 1.03
+        assert checks[0]["fraction"] > checks[0]["target_fraction"] * 1.03
+    assert plan is plans[-1]
+
+
+def test_when_the_budget_cannot_be_tightened_further_the_last_plan_is_kept(monkeypatch):
+    from mdprune import budget_check
+
+    _, _, space = build("tiny_cnn")
+    lm, scores = _fake(space), _scores(space)
+    dense = lm.predict(space.dense_sizes())
+    plans, fake = _fake_measurements(lm, 20.0)  # no plan of this space measures within the budget
+    monkeypatch.setattr(budget_check, "measure_models", fake)
+    said = []
+
+    def solve_at(ms):
+        plan = plan_from_solution(space, solve(build_problem(space, scores, lm, ms)), scores)
+        plans.append(plan)
+        return plan, ms
+
+    plan, budget, checks = budget_check.solve_within_measured_budget(space, lm, FAST, solve_at, 0.7 * dense, dense,
+                                                                     rounds=5, log=said.append)
+    assert any("cannot tighten further" in s for s in said) and plan is plans[-1]
+    assert checks[-1]["fraction"] > checks[-1]["target_fraction"]

@@ -70,6 +70,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="pruning step (alignment) per dimension kind or name, e.g. channel=16")
     g.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="module to keep whole")
     g.add_argument("--solver-time-limit", type=float, default=60.0)
+    g.add_argument("--verify-rounds", type=int, default=2,
+                   help="re-solves with a tighter budget while the final plan's measured latency misses the "
+                        "budget by more than 3%% (default 2; -1: do not measure)")
     add_train_args(p, epochs=1)
     lat = p.add_argument_group("latency measurement")
     lat.add_argument("--latency-device", default=None, help="where latency is measured (default: --device)")
@@ -105,7 +108,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         macs_budget=args.macs_budget, min_blocks_kept=args.min_blocks_kept,
         schedule=PruneSchedule(args.schedule, args.steps, args.every, args.warmup, args.importance_batches),
         train=train_config(args), latency=latency, lut=args.lut, steps=dict(args.step),
-        ignored_layers=args.ignore, solver_time_limit=args.solver_time_limit, workers=args.workers,
+        ignored_layers=args.ignore, solver_time_limit=args.solver_time_limit, verify_rounds=args.verify_rounds,
+        workers=args.workers,
         device=args.device, seed=args.seed)
 
 

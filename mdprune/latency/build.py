@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -14,8 +15,9 @@ import torch
 
 from ..apply import Plan, slim
 from ..progress import progress_bar
-from ..space import PruningSpace
+from ..space import Op, PruningSpace
 from .backends import get_backend
+from .loadwatch import LoadWatch
 from .model import LatencyModel
 from .ops import ROLES, op_module
 from .table import LatencyTable, default_cache_dir, fingerprint
@@ -34,6 +36,10 @@ class LatencySettings:
     grid_points: int = 16  # per role, ops with two roles (convolutions, linear layers): every width by default
     grid_points_3d: int = 5  # per role, attention (heads x q/k x v)
     chunk: int = 32  # points measured together (interleaved), then saved
+    recheck: int = 2  # times a suspect point may be measured again (0: never)
+    max_noise: float = 0.25  # a point whose round medians spread more than this is suspect
+    spike: float = 0.15  # tolerance of the trend check on grid neighbours (see :func:`suspects`)
+    max_slowdown: float = 0.1  # a chunk whose load canary ran this much slower than its best is measured again
     timing: TimingSettings = field(default_factory=TimingSettings)
 
     def __post_init__(self) -> None:
@@ -55,6 +61,8 @@ class BuildReport:
     remaining: int  # not measured (time budget)
     seconds: float
     path: Path | None
+    rechecked: int = 0  # suspect points measured again (see :func:`suspects` and :class:`LoadWatch`)
+    worst_slowdown: float = 0.0  # the load canary's largest slow-down against its best time in this build
 
 
 def open_table(settings: LatencySettings, cache_dir: str | Path | None = None) -> LatencyTable:
@@ -83,7 +91,9 @@ def build(space: PruningSpace, table: LatencyTable, settings: LatencySettings, *
     """Measure what ``table`` lacks for ``space``: op points on the model's grids, and the dense model.
 
     Saves after every chunk, so an interrupted build resumes where it stopped and never re-measures a saved
-    point. Stops starting new chunks once ``time_budget`` seconds have passed.
+    point. Stops starting new chunks once ``time_budget`` seconds have passed. Once every point is in, suspect
+    points are measured again, up to ``settings.recheck`` passes: chunks measured while the machine was busy
+    (see :class:`LoadWatch`), noisy points and isolated spikes (see :func:`suspects`).
     """
     t0 = time.monotonic()
     lm = LatencyModel(space, table, grid_points=settings.grid_points, grid_points_3d=settings.grid_points_3d)
@@ -91,33 +101,109 @@ def build(space: PruningSpace, table: LatencyTable, settings: LatencySettings, *
     todo = lm.missing()
     skipped = len(needed) - len(todo)
     backend = get_backend(settings.backend, settings.threads)
-    measured = 0
+
+    def out_of_time() -> bool:
+        return time_budget is not None and time.monotonic() - t0 > time_budget
+
+    watch = LoadWatch(backend, settings.batch, settings.device, settings.torch_dtype)
     with progress_bar(progress, len(todo), "measuring ops") as bar:
-        for start in range(0, len(todo), settings.chunk):
-            if time_budget is not None and time.monotonic() - t0 > time_budget:
+        measured = _measure_points(todo, table, settings, backend, watch, bar, out_of_time, on_point)
+    rechecked = 0
+    if measured == len(todo):
+        for _ in range(settings.recheck):
+            again = list({(id(op), p): (op, p) for op, p in
+                          watch.take_slow(settings.max_slowdown) + suspects(lm, table, settings)}.values())
+            if not again or out_of_time():
                 break
-            chunk = todo[start:start + settings.chunk]
-            runners = {}
-            for op, p in chunk:
-                module, inputs = op_module(op.kind, op.fixed, dict(zip(ROLES[op.kind], p, strict=True)),
-                                           settings.batch, settings.device, settings.torch_dtype)
-                runners[(id(op), p)] = backend.runner(module, inputs)
-            results = measure_many(runners, settings.timing)
-            for op, p in chunk:
-                m = results[(id(op), p)]
-                table.put(op, p, m.ms, m.noise)
-            table.save()  # every completed measurement is on disk before anything else can stop us
-            measured += len(chunk)
-            bar(len(chunk))
-            if on_point is not None:
-                for op, p in chunk:
-                    on_point(op.name, p)
+            with progress_bar(progress, len(again), "re-checking suspect points") as bar:
+                rechecked += _measure_points(again, table, settings, backend, watch, bar, out_of_time)
     key = model_key(space)
     if calibrate and key not in table.models and measured == len(todo):
         m = measure_models({"dense": slim(space, Plan.identity())}, space, settings)["dense"]
         table.models[key] = {"ms": m.ms, "noise": m.noise}
         table.save()
-    return BuildReport(measured, skipped, len(todo) - measured, time.monotonic() - t0, table.path)
+    return BuildReport(measured, skipped, len(todo) - measured, time.monotonic() - t0, table.path, rechecked,
+                       watch.worst_slowdown)
+
+
+def _measure_points(points: list[tuple[Op, tuple[int, ...]]], table: LatencyTable, settings: LatencySettings,
+                    backend: Any, watch: LoadWatch, bar: Callable[[int], None], out_of_time: Callable[[], bool],
+                    on_point: Callable[[str, tuple[int, ...]], None] | None = None) -> int:
+    """Measure ``points`` chunk by chunk (interleaved within a chunk, with the load canary), saving after each;
+    returns how many."""
+    done = 0
+    for start in range(0, len(points), settings.chunk):
+        if out_of_time():
+            break
+        chunk = points[start:start + settings.chunk]
+        runners = {}
+        for op, p in chunk:
+            module, inputs = op_module(op.kind, op.fixed, dict(zip(ROLES[op.kind], p, strict=True)),
+                                       settings.batch, settings.device, settings.torch_dtype)
+            runners[(id(op), p)] = backend.runner(module, inputs)
+        watch.add_to(runners)
+        results = measure_many(runners, settings.timing)
+        for op, p in chunk:
+            m = results[(id(op), p)]
+            table.put(op, p, m.ms, m.noise)
+        watch.record(chunk, results)
+        table.save()  # every completed measurement is on disk before anything else can stop us
+        done += len(chunk)
+        bar(len(chunk))
+        if on_point is not None:
+            for op, p in chunk:
+                on_point(op.name, p)
+    return done
+
+
+def _breaks_trend(v: float, idx: tuple[int, ...], axes: list[list[int]],
+                  value: Callable[[tuple[int, ...]], float | None], tol: float, power: int = 1) -> bool:
+    """Slower than a wider neighbour, or slower than a narrower one scaled up in proportion to the width
+    (more than ``tol`` either way): along each axis, latency should neither fall nor grow faster than width
+    (to the ``power``: an axis that moves two roles at once, such as a depthwise convolution's, may grow as
+    its square)."""
+    for k, ax in enumerate(axes):
+        w = ax[idx[k]]
+        for j in (idx[k] - 1, idx[k] + 1):
+            if not 0 <= j < len(ax):
+                continue
+            u = value(idx[:k] + (j,) + idx[k + 1:])
+            if u is None:
+                continue
+            limit = u if ax[j] > w else u * (w / max(ax[j], 1)) ** power
+            if v > (1 + tol) * limit:
+                return True
+    return False
+
+
+def suspects(lm: LatencyModel, table: LatencyTable, settings: LatencySettings) -> list[tuple[Op, tuple[int, ...]]]:
+    """Points worth measuring again: a noisy measurement, or one that breaks the trend of its grid neighbours.
+
+    A slow-down the timer cannot see (a busy sibling hyperthread, a frequency drop) makes a point slower than
+    its neighbours warrant; the solver would then steer around it. Re-measured points keep their fastest value, so a
+    real step in the latency surface survives its re-check. Each point is re-checked ``settings.recheck``
+    times at most, so a resumed build never repeats finished re-checks.
+    """
+    out, seen = [], set()
+    for g in lm.grids:  # ops sharing a signature may have different grids: check each, each point once
+        depthwise = g.op.kind == "conv2d" and g.op.fixed["depthwise"]
+        axes = [[int(w) for w in a] for a in (g.axes[1:] if depthwise else g.axes)]
+
+        def point(idx: tuple[int, ...], axes: list[list[int]] = axes, dw: bool = depthwise) -> tuple[int, ...]:
+            p = tuple(axes[k][i] for k, i in enumerate(idx))
+            return (p[0], p[0]) if dw else p
+
+        for idx in itertools.product(*[range(len(a)) for a in axes]):
+            p = point(idx)
+            e = table.entry(g.sig, p)
+            if (g.sig, p) in seen or e is None or e[2] > settings.recheck:
+                continue
+            value = lambda j, sig=g.sig, point=point: table.get(sig, point(j))  # noqa: E731
+            if e[1] > settings.max_noise or _breaks_trend(e[0], idx, axes, value, settings.spike,
+                                                         power=2 if depthwise else 1):
+                seen.add((g.sig, p))
+                out.append((g.op, p))
+    return out
 
 
 def measure_models(models: dict[str, torch.nn.Module], space: PruningSpace, settings: LatencySettings,

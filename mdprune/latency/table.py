@@ -7,13 +7,14 @@ File format (JSON, ``format: mdprune-lut/1``)::
                      "batch": 1, "backend": "eager", ...},
      "timing": {...the TimingSettings used...},
      "ops": {"<signature>": {"kind": "conv2d", "fixed": {...}, "roles": ["in", "out"],
-                             "points": {"64x128": [ms, noise], ...}}},
+                             "points": {"64x128": [ms, noise, times measured], ...}}},
      "models": {"<model key>": {"ms": ..., "noise": ...}}}
 
 An op *signature* is its kind and fixed parameters (kernel, stride, spatial size, tokens, epilogue ...)
 without the batch, which belongs to the fingerprint; a *point* is one width per role (``in x out`` for
 convolutions and linear layers, ``heads x qk x v`` for attention), so one table serves every model and budget
-that share op signatures.
+that share op signatures. A point measured more than once (a re-check of a suspect value, see
+:func:`mdprune.latency.build.recheck`) keeps its fastest measurement: disturbances only ever add time.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from ..space import Op
 from .ops import ROLES
 
 FORMAT = "mdprune-lut/1"
+# How ops are built and timed; bumped when that changes, so tables measured the old way are not reused.
+METHOD = 2
 
 
 class FingerprintMismatch(ValueError):
@@ -55,7 +58,7 @@ def fingerprint(device: str = "cpu", threads: int = 1, dtype: torch.dtype = torc
     fp: dict[str, Any] = {
         "device": dev.type, "processor": _processor(), "arch": platform.machine(), "torch": torch.__version__,
         "threads": threads if dev.type == "cpu" else None, "dtype": str(dtype).removeprefix("torch."),
-        "batch": batch, "backend": backend,
+        "batch": batch, "backend": backend, "method": METHOD,
     }
     if dev.type == "cuda":
         fp["gpu"] = torch.cuda.get_device_name(dev)
@@ -111,11 +114,22 @@ class LatencyTable:
         v = entry["points"].get(point_key(widths))
         return None if v is None else v[0]
 
+    def entry(self, sig: str, widths: tuple[int, ...]) -> tuple[float, float, int] | None:
+        """(ms, noise, times measured) of a point, or None."""
+        v = self.ops.get(sig, {}).get("points", {}).get(point_key(widths))
+        return None if v is None else (v[0], v[1], v[2] if len(v) > 2 else 1)
+
     def put(self, op: Op, widths: tuple[int, ...], ms: float, noise: float) -> None:
+        """Store a measurement; a point measured before keeps the faster of the two."""
         sig = signature(op)
         entry = self.ops.setdefault(sig, {"kind": op.kind, "fixed": _plain(
             {k: v for k, v in op.fixed.items() if k != "batch"}), "roles": list(ROLES[op.kind]), "points": {}})
-        entry["points"][point_key(widths)] = [ms, noise]
+        old = self.entry(sig, widths)
+        if old is None:
+            entry["points"][point_key(widths)] = [ms, noise, 1]
+        else:
+            best = (ms, noise) if ms < old[0] else old[:2]
+            entry["points"][point_key(widths)] = [*best, old[2] + 1]
 
     def __len__(self) -> int:
         return sum(len(e["points"]) for e in self.ops.values())

@@ -41,6 +41,7 @@ class RunConfig:
     ignored_layers: list[str] = field(default_factory=list)
     bn_batches: int = 50
     solver_time_limit: float = 60.0
+    verify_rounds: int = 2  # re-solves while the final plan's measured latency misses the budget (-1: no check)
     workers: int = 0
     device: str = "auto"
     seed: int = 0

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..apply import Plan, slim
 from ..apply.io import save
+from ..budget_check import solve_within_measured_budget
 from ..importance import ImportanceAccumulator
 from ..latency import LatencyModel, measure_models
 from ..models import load_checkpoint
@@ -112,6 +113,7 @@ class PruneRun:
             self.lm = LatencyModel(self.space, open_lut(self.cfg.lut, self.settings), self.cfg.mode,
                                    self.settings.grid_points, self.settings.grid_points_3d)
             self.lm.scale, self.lm.constant = state["latency"]["scale"], state["latency"]["constant"]
+            self.state_latency = state["latency"]
             if state["phase"] == "prune":
                 state = self._prune_phase(state)
             state = self._finetune_phase(state)
@@ -135,8 +137,10 @@ class PruneRun:
                             "noise": dense["noise"], "target_ms": target, "budgets": budgets},
                 "dense_accuracy": acc["accuracy"], "history": []}
 
-    def _solve(self, scores: dict[str, Any], budget: float, current: Plan) -> tuple[Plan, dict[str, Any]]:
-        """Rank 0 solves; every rank gets the same plan."""
+    def _solve(self, scores: dict[str, Any], budget: float, current: Plan, final: bool = False
+               ) -> tuple[Plan, dict[str, Any]]:
+        """Rank 0 solves; every rank gets the same plan. The final step's plan is held to its budget on
+        measured latency (see :mod:`mdprune.budget_check`)."""
         cfg = self.cfg
         out = None
         if self.d.main:
@@ -145,12 +149,24 @@ class PruneRun:
                                                                               self.space.count_params())
                 macs = None if cfg.macs_budget is None else parse_budget(cfg.macs_budget, self.space.count_macs())
                 lm = self.lm.frozen_at(current.sizes(self.space)) if cfg.mode == "linear" else self.lm
-                problem = build_problem(self.space, scores, lm, budget, blocks=cfg.blocks, params=params,
-                                        macs=macs, min_blocks_kept=cfg.min_blocks_kept, current=current)
-                sol = solve(problem, time_limit=cfg.solver_time_limit)
-                plan = plan_from_solution(self.space, sol, scores, current)
+
+                def solve_at(ms: float) -> tuple[Plan, Any]:
+                    problem = build_problem(self.space, scores, lm, ms, blocks=cfg.blocks, params=params,
+                                            macs=macs, min_blocks_kept=cfg.min_blocks_kept, current=current)
+                    sol = solve(problem, time_limit=cfg.solver_time_limit)
+                    return plan_from_solution(self.space, sol, scores, current), sol
+
+                checks: list[dict[str, float]] = []
+                if final and cfg.verify_rounds >= 0:
+                    lat = self.state_latency
+                    plan, sol, checks = solve_within_measured_budget(
+                        self.space, self.lm, self.settings, solve_at, lat["target_ms"], lat["dense_ms"],
+                        rounds=cfg.verify_rounds, log=self.log)
+                else:
+                    plan, sol = solve_at(budget)
                 info = {"budget_ms": budget, "predicted_ms": self.lm.predict_plan(plan), "status": sol.status,
-                        "gap": sol.gap, "seconds": sol.seconds, "method": sol.method, "removed": plan.removed}
+                        "gap": sol.gap, "seconds": sol.seconds, "method": sol.method, "removed": plan.removed,
+                        "checks": checks}
                 out = (plan.to_dict(), info, None)
             except Exception as e:  # noqa: BLE001 - every rank must stop, not only rank 0
                 out = (None, None, e)
@@ -178,7 +194,7 @@ class PruneRun:
             acc.load_state(state["importance"])
         if sched.kind == "oneshot":
             self._oneshot_importance(net, acc)
-            plan, info = self._solve(self._importance(acc), budgets[0], Plan())
+            plan, info = self._solve(self._importance(acc), budgets[0], Plan(), final=True)
             self._record(state, 0, plan, info)
             return self._to_finetune(state, plan, masker)
 
@@ -207,7 +223,7 @@ class PruneRun:
                 t = sched.step_at(it)
                 if t is None:
                     return False
-                plan, info = self._solve(self._importance(acc), budgets[t], masker.plan)
+                plan, info = self._solve(self._importance(acc), budgets[t], masker.plan, final=t == sched.steps - 1)
                 masker.set_plan(plan, opt)
                 acc.load_state({k: torch.zeros_like(v) for k, v in acc.state().items()})
                 self._record(state, t, plan, info)
@@ -245,6 +261,11 @@ class PruneRun:
         sys.stdout.flush()
         self.log(f"pruning step {t}: budget {info['budget_ms']:.3f} ms, predicted {info['predicted_ms']:.3f} ms, "
                  f"{len(plan.removed)} blocks removed, solver {info['status']} ({info['seconds']:.2f} s)")
+        if info.get("checks"):
+            c = info["checks"][-1]
+            self.log(f"measured {100 * c['fraction']:.1f}% of the dense latency "
+                     f"(target {100 * c['target_fraction']:.1f}%) after {len(info['checks'])} measurement(s); "
+                     f"solver budget {c['budget_ms']:.3f} ms")
 
     def _to_finetune(self, state: dict[str, Any], plan: Plan, masker: Masker) -> dict[str, Any]:
         model = slim(self.space, plan, masker.model).to(self.d.device)
