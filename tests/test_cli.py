@@ -46,3 +46,13 @@ def test_every_package_folder_is_a_regular_package():
     missing = [str(d.relative_to(root)) for d in root.rglob("*") if d.is_dir() and d.name != "__pycache__"
                and any(d.glob("*.py")) and not (d / "__init__.py").exists()]
     assert not missing
+
+
+def test_example_inputs_follow_the_models_channels_and_size(capsys):
+    from mdprune.models import default_input_size
+    from mdprune.zoo import small_resnet18, small_vit
+
+    assert default_input_size(small_resnet18()) == (1, 28, 28)
+    assert default_input_size(small_vit(in_chans=3)) == (3, 28, 28)
+    assert main(["inspect", "small_resnet18"]) == 0  # a 1-channel model, no --input-size needed
+    assert "layer1.0" in capsys.readouterr().out
