@@ -51,9 +51,11 @@ def run_case(name: str, model_name: str, batch: int, samples: int, size: int, se
     print(f"{name:14s} dense {s['dense_ms']:8.2f} ms | table median {s['table_median_pct']:5.1f}% "
           f"max {s['table_max_pct']:5.1f}% | linear median {s['linear_median_pct']:5.1f}% "
           f"max {s['linear_max_pct']:5.1f}% | noise floor {s['noise_floor_pct']:4.1f}% "
-          f"(table/noise {ratio:.2f}) | build {report.measured} pts {build_s:.0f} s", flush=True)
+          f"(table/noise {ratio:.2f}) | build {report.measured} pts {build_s:.0f} s, "
+          f"{report.rechecked} re-checked", flush=True)
     return {"model": model_name, "batch": batch, "input": size, "summary": s, "table_over_noise": ratio,
             "scale": v.scale, "build_points": report.measured, "build_seconds": build_s,
+            "rechecked_points": report.rechecked, "canary_worst_slowdown": report.worst_slowdown,
             "validate_seconds": validate_s, "rows": v.rows}
 
 

@@ -47,6 +47,7 @@ def solve_within_measured_budget(
     budget = target_ms
     plan, extra = solve_at(budget)
     checks: list[dict[str, float]] = []
+    rounds = max(rounds, 0)
     for r in range(rounds + 1):
         m = measure_models({"dense": slim(space, Plan()), "pruned": slim(space, plan)}, space, settings)
         fraction = m["pruned"].ms / m["dense"].ms

@@ -76,8 +76,11 @@ def run_build(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     table = open_table(settings, args.cache)
     report = build(space, table, settings, time_budget=args.time_budget, progress=sys.stderr.isatty())
-    print(f"measured {report.measured} points, {report.skipped} already cached, {report.remaining} left "
-          f"({report.seconds:.0f} s) -> {report.path}")
+    print(f"measured {report.measured} points, {report.skipped} already cached, {report.remaining} left, "
+          f"{report.rechecked} suspect points measured again ({report.seconds:.0f} s) -> {report.path}")
+    if report.worst_slowdown > 0.25:
+        print(f"note: the machine was busy during the build (a reference op ran up to "
+              f"{100 * report.worst_slowdown:.0f}% slower than its best); points measured then were re-checked")
     if report.remaining:
         print("time budget reached: run the same command again to continue")
         return 0

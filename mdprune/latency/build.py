@@ -20,7 +20,7 @@ from .backends import get_backend
 from .loadwatch import LoadWatch
 from .model import LatencyModel
 from .ops import ROLES, op_module
-from .table import LatencyTable, default_cache_dir, fingerprint
+from .table import LatencyTable, default_cache_dir, fingerprint, signature
 from .timing import Measurement, TimingSettings, measure_many
 
 
@@ -93,7 +93,7 @@ def build(space: PruningSpace, table: LatencyTable, settings: LatencySettings, *
     Saves after every chunk, so an interrupted build resumes where it stopped and never re-measures a saved
     point. Stops starting new chunks once ``time_budget`` seconds have passed. Once every point is in, suspect
     points are measured again, up to ``settings.recheck`` passes: chunks measured while the machine was busy
-    (see :class:`LoadWatch`), noisy points and isolated spikes (see :func:`suspects`).
+    (see :class:`LoadWatch`), noisy points and points off their neighbours' trend (see :func:`suspects`).
     """
     t0 = time.monotonic()
     lm = LatencyModel(space, table, grid_points=settings.grid_points, grid_points_3d=settings.grid_points_3d)
@@ -111,7 +111,7 @@ def build(space: PruningSpace, table: LatencyTable, settings: LatencySettings, *
     rechecked = 0
     if measured == len(todo):
         for _ in range(settings.recheck):
-            again = list({(id(op), p): (op, p) for op, p in
+            again = list({(signature(op), p): (op, p) for op, p in
                           watch.take_slow(settings.max_slowdown) + suspects(lm, table, settings)}.values())
             if not again or out_of_time():
                 break
