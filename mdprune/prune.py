@@ -201,7 +201,8 @@ def prune(
     if measure:  # each plan's slim model measured interleaved with the dense one, in one run
         plan, solution, checks = solve_within_measured_budget(space, lm, settings, solve_at, target, dense["ms"],
                                                               rounds=verify_rounds)
-        measured, measured_dense = checks[-1]["measured_ms"], checks[-1]["measured_dense_ms"]
+        final = next(c for c in checks if c["kept"])
+        measured, measured_dense = final["measured_ms"], final["measured_dense_ms"]
     else:
         plan, solution = solve_at(target)
     seconds["solve"] = time.monotonic() - t  # with the measurements of each solved plan

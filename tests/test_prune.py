@@ -113,8 +113,8 @@ def _fake_measurements(lm: LatencyModel, error: float):
     return plans, measure
 
 
-@pytest.mark.parametrize("error, rounds", [(0.25, 3), (0.25, 0), (0.0, 3)])
-def test_a_plan_that_misses_its_budget_on_measurement_is_solved_again_tighter(monkeypatch, error, rounds):
+@pytest.mark.parametrize("error, rounds", [(0.25, 3), (0.25, 0), (0.0, 3), (-0.25, 3)])
+def test_a_plan_is_solved_again_until_its_measured_latency_fits_the_budget(monkeypatch, error, rounds):
     from mdprune import budget_check
 
     _, _, space = build("tiny_cnn")
@@ -129,20 +129,23 @@ def test_a_plan_that_misses_its_budget_on_measurement_is_solved_again_tighter(mo
         budgets.append(ms)
         plan = plan_from_solution(space, solve(build_problem(space, scores, lm, ms)), scores)
         plans.append(plan)
-        return plan, None
+        return plan, ms
 
-    plan, _, checks = budget_check.solve_within_measured_budget(space, lm, FAST, solve_at, target, dense,
-                                                                rounds=rounds)
-    assert len(checks) == len(budgets) <= rounds + 1
-    assert budgets == sorted(budgets, reverse=True) and budgets[0] == target
+    plan, solver_budget, checks = budget_check.solve_within_measured_budget(space, lm, FAST, solve_at, target,
+                                                                            dense, rounds=rounds)
+    assert len(checks) == len(budgets) <= rounds + 1 and budgets[0] == target
     assert [c["budget_ms"] for c in checks] == budgets
-    last = checks[-1]
-    if error == 0.0 or rounds == 0:
+    kept = [i for i, c in enumerate(checks) if c["kept"]]
+    assert len(kept) == 1 and plan is plans[kept[0]] and solver_budget == budgets[kept[0]]
+    if error == 0.0 or rounds == 0:  # an exact model, or no re-solve allowed: one solve
         assert len(budgets) == 1
-    else:  # tightened until the measured fraction meets the target (within 3%)
-        assert len(budgets) > 1 and last["fraction"] <= last["target_fraction"] * 1.03
+    elif error > 0:  # the model under-predicts: tighter budgets until the measurement fits
         assert checks[0]["fraction"] > checks[0]["target_fraction"] * 1.03
-    assert plan is plans[-1]
+        assert budgets[1] < target and checks[kept[0]]["fraction"] <= checks[kept[0]]["target_fraction"] * 1.03
+    else:  # the model over-predicts: the first plan fits with room to spare; a looser budget uses it
+        assert checks[0]["fraction"] < checks[0]["target_fraction"] * 0.94
+        assert budgets[1] > target and solver_budget > target
+        assert checks[0]["fraction"] < checks[kept[0]]["fraction"] <= checks[kept[0]]["target_fraction"] * 1.03
 
 
 def test_when_the_budget_cannot_be_tightened_further_the_last_plan_is_kept(monkeypatch):
@@ -162,5 +165,6 @@ def test_when_the_budget_cannot_be_tightened_further_the_last_plan_is_kept(monke
 
     plan, budget, checks = budget_check.solve_within_measured_budget(space, lm, FAST, solve_at, 0.7 * dense, dense,
                                                                      rounds=5, log=said.append)
-    assert any("cannot tighten further" in s for s in said) and plan is plans[-1]
+    assert any("cannot tighten further" in s and "keeping the last plan" in s for s in said)
+    assert plan is plans[-1] and not any(c["kept"] for c in checks[:-1]) and checks[-1]["kept"]
     assert checks[-1]["fraction"] > checks[-1]["target_fraction"]

@@ -33,9 +33,9 @@ def full_result() -> dict:
                for t, (budget, removed) in enumerate([(3.0, []), (2.5, ["layer3.1"]), (2.1, ["layer2.1", "layer3.1"])])]
     history[-1]["checks"] = [  # the final plan measured 55% for a 50% target, then solved again tighter
         {"budget_ms": 2.1, "predicted_ms": 2.09, "measured_ms": 2.31, "measured_dense_ms": 4.2, "fraction": 0.55,
-         "target_fraction": 0.5},
+         "target_fraction": 0.5, "kept": 0.0},
         {"budget_ms": 1.9, "predicted_ms": 1.89, "measured_ms": 2.05, "measured_dense_ms": 4.15,
-         "fraction": 0.494, "target_fraction": 0.5}]
+         "fraction": 0.494, "target_fraction": 0.5, "kept": 1.0}]
     return {
         "model": "small_resnet18", "budget": "50%", "schedule": "iterative",
         "target_ms": 2.1, "predicted_ms": 2.09, "dense_ms_calibration": 4.2, "measured_dense_ms": 4.0,
@@ -98,8 +98,8 @@ def test_markdown_has_key_figures(full_report: tuple[dict, dict[str, Path]]) -> 
     assert "`layer1.0.conv1` | channel | `layer1.0` | 32/64 | 50.0%" in text
     assert "`layer2.1.conv1` | channel | `layer2.1` | removed with block" in text
     assert "float32" in text and "eager" in text and "table" in text
-    assert "| 0 | 2.100 ms | 2.090 ms | 2.310 ms | 4.200 ms | 55.0% | 50.0% |" in text
-    assert "| 1 | 1.900 ms | 1.890 ms | 2.050 ms | 4.150 ms | 49.4% | 50.0% |" in text
+    assert "| 0 | 2.100 ms | 2.090 ms | 2.310 ms | 4.200 ms | 55.0% | 50.0% | - |" in text
+    assert "| 1 | 1.900 ms | 1.890 ms | 2.050 ms | 4.150 ms | 49.4% | 50.0% | yes |" in text
     for name in PLOTS:
         assert f"]({name}.png)" in text  # relative links
 

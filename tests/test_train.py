@@ -48,7 +48,12 @@ def test_run_ends_with_a_slim_model_within_its_predicted_budget(kind, tmp_path):
     sched = PruneSchedule(kind, steps=2, every=2, importance_batches=2)
     result = PruneRun(config(tmp_path, schedule=sched), tmp_path / "run").run()
     why = json.dumps({k: result[k] for k in ("target_ms", "predicted_ms", "history", "budgets", "params")})
-    assert result["predicted_ms"] <= result["target_ms"] * (1 + 1e-6), why
+    checks = result["history"][-1]["checks"]  # the final plan measured, and re-solved if it missed
+    kept = [c for c in checks if c["kept"]]
+    assert len(kept) == 1 and checks[0]["budget_ms"] == pytest.approx(result["target_ms"]), why
+    assert result["predicted_ms"] <= kept[0]["budget_ms"] * (1 + 1e-6), why  # the solver's budget holds
+    # the plan kept measured within the budget, unless no re-solve could get it there (then the last one)
+    assert kept[0]["fraction"] <= kept[0]["target_fraction"] * 1.03 or kept[0] is checks[-1], why
     assert len(result["history"]) == sched.steps, why
     steps = [h["budget_ms"] for h in result["history"]]
     assert steps == sorted(steps, reverse=True) and steps[-1] == pytest.approx(result["target_ms"]), why

@@ -262,7 +262,7 @@ class PruneRun:
         self.log(f"pruning step {t}: budget {info['budget_ms']:.3f} ms, predicted {info['predicted_ms']:.3f} ms, "
                  f"{len(plan.removed)} blocks removed, solver {info['status']} ({info['seconds']:.2f} s)")
         if info.get("checks"):
-            c = info["checks"][-1]
+            c = next(c for c in info["checks"] if c.get("kept", 1.0))
             self.log(f"measured {100 * c['fraction']:.1f}% of the dense latency "
                      f"(target {100 * c['target_fraction']:.1f}%) after {len(info['checks'])} measurement(s); "
                      f"solver budget {c['budget_ms']:.3f} ms")
