@@ -33,8 +33,8 @@ from mdprune.importance import estimate
 from mdprune.latency import LatencySettings, TimingSettings, measure_models
 from mdprune.models import create_model
 from mdprune.prune import calibrated_model, open_lut
-from mdprune.solve import InfeasibleBudget, solve
-from mdprune.solve.from_space import build_problem, plan_from_solution
+from mdprune.solve import InfeasibleBudget, Solution
+from mdprune.solve.from_space import solve_plan
 from mdprune.train.bn import recalibrate_bn
 from mdprune.train.data import builtin, loader
 from mdprune.train.loop import TrainConfig, evaluate, make_optimizer, make_scheduler, train_epoch
@@ -136,9 +136,8 @@ class Pruner:
         for t, b in enumerate(path):
             lm = self.models[mode].frozen_at(plan.sizes(self.space)) if mode == "linear" else self.models[mode]
 
-            def solve_at(ms: float, lm=lm, current=plan) -> tuple[mdprune.Plan, None]:
-                problem = build_problem(self.space, scores, lm, ms, blocks=blocks, current=current)
-                return plan_from_solution(self.space, solve(problem), scores, current), None
+            def solve_at(ms: float, lm=lm, current=plan) -> tuple[mdprune.Plan, Solution]:
+                return solve_plan(self.space, scores, lm, ms, current=current, blocks=blocks)
 
             if t == len(path) - 1 and measured_check:
                 plan, _, _ = solve_within_measured_budget(self.space, self.models[mode], self.settings, solve_at,

@@ -54,8 +54,10 @@ def solve_within_measured_budget(
     checks: list[dict[str, float]] = []
     kept: tuple[float, Plan, Any, int] | None = None  # solver budget, plan, extra, check: the loosest that met
     over = float("inf")  # the tightest solver budget whose plan measured over
-    for r in range(max(rounds, 0) + 1):
-        m = measure_models({"dense": slim(space, Plan()), "pruned": slim(space, plan)}, space, settings)
+    rounds = max(rounds, 0)
+    dense = slim(space, Plan())
+    for r in range(rounds + 1):
+        m = measure_models({"dense": dense, "pruned": slim(space, plan)}, space, settings)
         fraction = m["pruned"].ms / m["dense"].ms
         predicted = lm.predict_plan(plan)
         checks.append({"budget_ms": budget, "predicted_ms": predicted, "measured_ms": m["pruned"].ms,
@@ -67,7 +69,7 @@ def solve_within_measured_budget(
             over = min(over, budget)
         # the model predicted `predicted` for what measures like fraction * dense_ms: scale the budget by that
         corrected = aim * predicted / (fraction * dense_ms)
-        if r == max(rounds, 0) or (met and (fraction >= goal * (1 - 2 * tolerance) or corrected <= 1.005 * budget)):
+        if r == rounds or (met and (fraction >= goal * (1 - 2 * tolerance) or corrected <= 1.005 * budget)):
             break  # within the budget, and either close to it or all the model's pessimism is used
         if met:  # looser, but below any budget already measured over
             nxt = min(max(corrected, 1.01 * budget), over if over == float("inf") else (budget + over) / 2)

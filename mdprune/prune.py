@@ -30,8 +30,7 @@ from .latency import (
     measure_models,
     open_table,
 )
-from .solve import solve
-from .solve.from_space import build_problem, plan_from_solution
+from .solve.from_space import solve_plan
 from .space import PruningSpace, analyze
 
 
@@ -188,13 +187,12 @@ def prune(
     target = parse_budget(budget, dense["ms"])
     dense_params, dense_macs = space.count_params(), space.count_macs()
 
+    params_budget = None if params is None else parse_budget(params, dense_params, "parameters")
+    macs_budget = None if macs is None else parse_budget(macs, dense_macs, "MACs")
+
     def solve_at(ms: float) -> tuple[Plan, Any]:
-        problem = build_problem(
-            space, scores, lm, ms, blocks=blocks, min_blocks_kept=min_blocks_kept,
-            params=None if params is None else parse_budget(params, dense_params, "parameters"),
-            macs=None if macs is None else parse_budget(macs, dense_macs, "MACs"))
-        sol = solve(problem, time_limit=time_limit)
-        return plan_from_solution(space, sol, scores), sol
+        return solve_plan(space, scores, lm, ms, time_limit=time_limit, blocks=blocks,
+                          min_blocks_kept=min_blocks_kept, params=params_budget, macs=macs_budget)
 
     measured = measured_dense = None
     checks: list[dict[str, float]] = []

@@ -9,7 +9,7 @@ import mdprune
 from mdprune.latency import LatencyModel, LatencySettings, LatencyTable, TimingSettings, fingerprint
 from mdprune.prune import parse_budget, prune
 from mdprune.solve import InfeasibleBudget, evaluate, solve
-from mdprune.solve.from_space import build_problem, plan_from_solution
+from mdprune.solve.from_space import build_problem, plan_from_solution, solve_plan
 
 from .conftest import build
 
@@ -130,7 +130,7 @@ def test_a_plan_is_solved_again_until_its_measured_latency_fits_the_budget(monke
 
     def solve_at(ms):
         budgets.append(ms)
-        plan = plan_from_solution(space, solve(build_problem(space, scores, lm, ms)), scores)
+        plan, _ = solve_plan(space, scores, lm, ms)
         plans.append(plan)
         return plan, ms
 
@@ -162,7 +162,7 @@ def test_when_the_budget_cannot_be_tightened_further_the_last_plan_is_kept(monke
     said = []
 
     def solve_at(ms):
-        plan = plan_from_solution(space, solve(build_problem(space, scores, lm, ms)), scores)
+        plan, _ = solve_plan(space, scores, lm, ms)
         plans.append(plan)
         return plan, ms
 

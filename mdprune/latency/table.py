@@ -14,7 +14,7 @@ An op *signature* is its kind and fixed parameters (kernel, stride, spatial size
 without the batch, which belongs to the fingerprint; a *point* is one width per role (``in x out`` for
 convolutions and linear layers, ``heads x qk x v`` for attention), so one table serves every model and budget
 that share op signatures. A point measured more than once (a re-check of a suspect value, see
-:func:`mdprune.latency.build.recheck`) keeps its fastest measurement: disturbances only ever add time.
+:func:`mdprune.latency.build.suspects`) keeps its fastest measurement: disturbances only ever add time.
 """
 
 from __future__ import annotations
@@ -108,11 +108,8 @@ class LatencyTable:
 
     # ---- entries -----------------------------------------------------------------------------------------
     def get(self, sig: str, widths: tuple[int, ...]) -> float | None:
-        entry = self.ops.get(sig)
-        if entry is None:
-            return None
-        v = entry["points"].get(point_key(widths))
-        return None if v is None else v[0]
+        e = self.entry(sig, widths)
+        return None if e is None else e[0]
 
     def entry(self, sig: str, widths: tuple[int, ...]) -> tuple[float, float, int] | None:
         """(ms, noise, times measured) of a point, or None."""

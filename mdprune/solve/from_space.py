@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from ..importance import kept_value
 from ..latency import LatencyModel
 from ..space import PruningSpace, Seg, TensorAxes
 from .problem import CostTerm, DimChoice, Problem, Resource, Solution
+from .solver import solve
 
 
 def build_problem(space: PruningSpace, scores: Mapping[str, np.ndarray], latency: LatencyModel,
@@ -184,6 +186,14 @@ def plan_from_solution(space: PruningSpace, solution: Solution, scores: Mapping[
     sizes = {n: k for n, k in sizes.items() if space.dims[n].prunable}
     keep = Plan.from_sizes(space, sizes, {**{n: _rank_current(kept[n], space.dims[n].size) for n in sizes}, **ranked})
     return Plan(keep.keep, sorted(set(solution.removed) | set(current.removed)))
+
+
+def solve_plan(space: PruningSpace, scores: Mapping[str, np.ndarray], latency: LatencyModel, budget_ms: float,
+               *, current: Plan | None = None, time_limit: float = 60.0, **problem: Any) -> tuple[Plan, Solution]:
+    """Build the program at ``budget_ms`` (``problem``: the other arguments of :func:`build_problem`), solve it
+    exactly, and return its plan with the solution."""
+    sol = solve(build_problem(space, scores, latency, budget_ms, current=current, **problem), time_limit=time_limit)
+    return plan_from_solution(space, sol, scores, current), sol
 
 
 def _rank_current(kept: list[int], size: int) -> np.ndarray:

@@ -27,8 +27,7 @@ from ..latency import LatencyModel, measure_models
 from ..models import load_checkpoint
 from ..progress import progress_bar
 from ..prune import calibrated_model, open_lut, parse_budget
-from ..solve import solve
-from ..solve.from_space import build_problem, plan_from_solution
+from ..solve.from_space import solve_plan
 from ..space import PruningSpace, analyze
 from . import distributed as dist
 from .bn import recalibrate_bn
@@ -151,10 +150,9 @@ class PruneRun:
                 lm = self.lm.frozen_at(current.sizes(self.space)) if cfg.mode == "linear" else self.lm
 
                 def solve_at(ms: float) -> tuple[Plan, Any]:
-                    problem = build_problem(self.space, scores, lm, ms, blocks=cfg.blocks, params=params,
-                                            macs=macs, min_blocks_kept=cfg.min_blocks_kept, current=current)
-                    sol = solve(problem, time_limit=cfg.solver_time_limit)
-                    return plan_from_solution(self.space, sol, scores, current), sol
+                    return solve_plan(self.space, scores, lm, ms, current=current, time_limit=cfg.solver_time_limit,
+                                      blocks=cfg.blocks, params=params, macs=macs,
+                                      min_blocks_kept=cfg.min_blocks_kept)
 
                 checks: list[dict[str, float]] = []
                 if final and cfg.verify_rounds >= 0:
