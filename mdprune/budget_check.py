@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from torch import nn
+
 from .apply import Plan, slim
-from .latency import LatencyModel, LatencySettings, measure_models
+from .latency import LatencyModel, LatencySettings, Measurement, measure_models
 from .solve import InfeasibleBudget
 from .space import PruningSpace
 
@@ -31,6 +33,7 @@ def solve_within_measured_budget(
     rounds: int = 2,
     tolerance: float = 0.03,
     log: Callable[[str], None] | None = None,
+    measure: Callable[[dict[str, nn.Module]], dict[str, Measurement]] | None = None,
 ) -> tuple[Plan, Any, list[dict[str, float]]]:
     """Solve at ``target_ms``, then re-solve at corrected budgets while the measured latency misses the target.
 
@@ -41,6 +44,8 @@ def solve_within_measured_budget(
         tolerance: relative miss accepted (the timing noise of two end-to-end measurements). A plan measured
             more than ``2 * tolerance`` under the target, which the model over-predicted, is re-solved at a
             looser budget.
+        measure: measures ``{"dense": ..., "pruned": ...}`` interleaved in one run (default:
+            :func:`~mdprune.latency.measure_models` with ``settings``, whose backend may be a deterministic one).
 
     Returns:
         The plan kept, its ``solve_at`` result, and one record per measurement: the solver budget, the
@@ -56,8 +61,11 @@ def solve_within_measured_budget(
     over = float("inf")  # the tightest solver budget whose plan measured over
     rounds = max(rounds, 0)
     dense = slim(space, Plan())
+    if measure is None:
+        def measure(models: dict[str, nn.Module]) -> dict[str, Measurement]:
+            return measure_models(models, space, settings)
     for r in range(rounds + 1):
-        m = measure_models({"dense": dense, "pruned": slim(space, plan)}, space, settings)
+        m = measure({"dense": dense, "pruned": slim(space, plan)})
         fraction = m["pruned"].ms / m["dense"].ms
         predicted = lm.predict_plan(plan)
         checks.append({"budget_ms": budget, "predicted_ms": predicted, "measured_ms": m["pruned"].ms,

@@ -42,7 +42,7 @@ def test_random_plans_slim_equals_masked(key):
         assert sum(p.numel() for p in s.parameters()) == space.count_params(sizes, removed)
         assert measured_macs(s, x) == space.count_macs(sizes, removed)
         if seed == 0:
-            assert rel_err(dense_out, b) <= 1e-5, "identity plan changed the output"
+            assert rel_err(dense_out, b) <= 1e-4, "identity plan changed the output"
         else:
             assert space.count_params(sizes, removed) < space.count_params(), "random plan pruned nothing"
 

@@ -38,7 +38,7 @@ def test_taylor_on_batchnorm_equals_hand_computation():
             hand[dim] += s.abs().detach().double().numpy() / len(data)
     scores = acc.scores(normalize="none")
     for dim in hand:
-        np.testing.assert_allclose(scores[dim], hand[dim], rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(scores[dim], hand[dim], rtol=1e-6, atol=1e-12 * hand[dim].max())
 
 
 def test_residual_group_sums_its_batchnorms_before_the_absolute_value():
@@ -52,18 +52,24 @@ def test_residual_group_sums_its_batchnorms_before_the_absolute_value():
     bns = ["bn1", "layer1.0.bn2", "layer1.1.bn2"]  # the stem and layer1's residual stream: one group
     total = sum(model.get_submodule(b).weight * model.get_submodule(b).weight.grad
                 + model.get_submodule(b).bias * model.get_submodule(b).bias.grad for b in bns)
-    np.testing.assert_allclose(acc.scores("none")["conv1"], total.abs().detach().double().numpy(), rtol=1e-5)
+    expected = total.abs().detach().double().numpy()  # a float32 sum of three terms: rounding ~1e-7 of the largest
+    np.testing.assert_allclose(acc.scores("none")["conv1"], expected, rtol=1e-4, atol=1e-6 * expected.max())
 
 
 def test_gate_fisher_equals_explicit_gates():
-    """Each transformer dimension's score equals (dL/dg)^2 / 2 of a real gate placed where the docs say."""
+    """Each transformer dimension's score equals (dL/dg)^2 / 2 of a real gate placed where the docs say.
+
+    In float64: a score is a sum of products whose float32 rounding depends on the processor's summation order.
+    """
     dense, x, space = build("tiny_vit")
+    dense.double()  # the space's traced module shares these parameters
+    x = x.double()
     y = torch.tensor([1, 3])
     slim = mdprune.slim(space, mdprune.Plan())  # same function, separate q/k/v: room for hooks
     gates = {}
 
     def gate(name: str, n: int) -> torch.Tensor:
-        gates[name] = torch.ones(n, requires_grad=True)
+        gates[name] = torch.ones(n, dtype=torch.float64, requires_grad=True)
         return gates[name]
 
     attn = slim.get_submodule("blocks.0.attn")
@@ -81,7 +87,7 @@ def test_gate_fisher_equals_explicit_gates():
 
     scores = estimate(space, dense, [(x, y)], normalize="none")
     for name, g in gates.items():
-        np.testing.assert_allclose(scores[name], 0.5 * g.grad.double().numpy() ** 2, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(scores[name], 0.5 * g.grad.numpy() ** 2, rtol=1e-7, atol=1e-20)
 
 
 def test_estimate_restores_model_state_and_normalises():

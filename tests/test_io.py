@@ -30,8 +30,12 @@ def test_save_load_round_trip(key, tmp_path):
 
 def test_deepcopy_keeps_what_save_needs(resnet18, tmp_path):
     _, x, space = resnet18
-    s = copy.deepcopy(mdprune.slim(space, Plan.random(space, seed=1)))
+    original = mdprune.slim(space, Plan.random(space, seed=1)).eval()
+    s = copy.deepcopy(original)
     mdprune.save(s, tmp_path / "m.pt")
+    loaded = mdprune.load(tmp_path / "m.pt").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), original(x))  # the copy saved the same plan and weights
 
 
 def test_save_refuses_models_it_cannot_rebuild(tmp_path):

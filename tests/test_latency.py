@@ -292,3 +292,20 @@ def test_a_table_measured_by_another_method_version_is_refused(tmp_path):
     path = old.save(tmp_path / "old.json")
     with pytest.raises(FingerprintMismatch, match="method 1 \\(table\\) vs 2 \\(now\\)"):
         LatencyTable.load(path, expect=fingerprint())
+
+
+def test_flops_backend_measures_deterministically_without_a_clock(tmp_path):
+    from mdprune.latency import FlopsBackend
+
+    _, _, space = build_model("tiny_cnn")
+    tables = []
+    for run in ("a", "b"):
+        settings = fast_settings(backend=FlopsBackend())
+        tables.append(open_table(settings, tmp_path / run))
+        build(space, tables[-1], settings, progress=False)
+    assert tables[0].fingerprint["backend"] == "flops" and tables[0].ops == tables[1].ops
+    lm = latency_model(space, tables[0], settings)
+    small, dense = lm.predict(Plan.uniform(space, 0.5).sizes(space)), lm.predict(space.dense_sizes())
+    assert 0 < small < dense  # counts shrink with the widths
+    with pytest.raises(TypeError, match="only the runners it made"):
+        FlopsBackend().measure({"x": lambda: None}, settings.timing)

@@ -40,7 +40,8 @@ def check_solution(problem: Problem, sol) -> None:
     for r in problem.resources:
         assert close(usage[r.name], sol.usage[r.name])
         assert within_budget(sol.usage[r.name], r.budget)
-    assert len(sol.removed) >= 0 and len(problem.blocks) - len(sol.removed) >= problem.min_blocks_kept
+    assert set(sol.removed) <= set(problem.blocks) and len(set(sol.removed)) == len(sol.removed)
+    assert len(problem.blocks) - len(sol.removed) >= problem.min_blocks_kept
     for d in problem.dims:
         assert sol.widths[d.name] == d.widths[sol.choice[d.name]]
         if d.block in sol.removed:

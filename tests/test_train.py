@@ -23,8 +23,10 @@ from mdprune.train.run import PruneRun, RunConfig
 from mdprune.train.rundir import RunDir, RunDirError
 from mdprune.train.schedule import PruneSchedule, budget_path
 
-FAST_LATENCY = {"grid_points": 2, "grid_points_3d": 2, "timing": {"warmup": 1, "reps": 1, "rounds": 1,
-                                                                   "min_sample_ms": 0.0}}
+# Every measurement of a run in these tests comes from operation counts (FlopsBackend), never from a clock: the
+# decisions the tests check (budgets, re-solves, plans) must not depend on how busy the machine is.
+FAST_LATENCY = {"grid_points": 2, "grid_points_3d": 2, "backend": "flops",
+                "timing": {"warmup": 1, "reps": 1, "rounds": 1, "min_sample_ms": 0.0}}
 
 
 def config(tmp_path: Path, **kw) -> RunConfig:
@@ -79,9 +81,9 @@ def _interrupt_after(monkeypatch, copies: Path, nth: int) -> None:
 
 @pytest.mark.parametrize("kind,nth", [("oneshot", 2), ("iterative", 1)])
 def test_resume_gives_the_same_plan_and_weights(kind, nth, tmp_path, monkeypatch):
-    # verify_rounds=-1: no re-solve on a fresh timing measurement, the one step a resumed run cannot replay
+    # measurements are counts (FlopsBackend), so the final plan's measured check replays exactly on resume
     cfg = config(tmp_path, schedule=PruneSchedule(kind, steps=2, every=3, importance_batches=2),
-                 train=TrainConfig(epochs=2, batch_size=32, lr=0.01, max_iterations=4), verify_rounds=-1)
+                 train=TrainConfig(epochs=2, batch_size=32, lr=0.01, max_iterations=4))
     _interrupt_after(monkeypatch, tmp_path / "interrupted", nth)
     full = PruneRun(cfg, tmp_path / "full").run()
     monkeypatch.undo()
@@ -99,11 +101,11 @@ def test_resume_gives_the_same_plan_and_weights(kind, nth, tmp_path, monkeypatch
 def test_two_process_gloo_run_has_identical_masks_and_one_set_of_artifacts(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     run_dir = tmp_path / "ddp"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "mdprune", "prune",
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mdprune", "prune",  # a free port
            "small_resnet18", "--model-arg", "width=0.125", "--train-limit", "192", "--val-limit", "64",
            "--budget", "75%", "--schedule", "iterative", "--steps", "2", "--every", "2", "--epochs", "1",
            "--batch-size", "16", "--max-iterations", "3", "--grid-points", "2", "--timing-rounds", "1",
-           "--timing-reps", "1", "--device", "cpu",
+           "--timing-reps", "1", "--backend", "flops", "--device", "cpu",
            "--lut", str(tmp_path / "lut"), "--run-dir", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -185,3 +187,33 @@ def test_train_epoch_detects_nan():
     sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     with pytest.raises(NaNLoss):
         train_epoch(model, data, opt, sch, TrainConfig(), torch.device("cpu"))
+
+
+def test_an_unreachable_target_is_refused_before_any_training(tmp_path):
+    with pytest.raises(InfeasibleBudget, match=r"smallest reachable latency is [0-9.]+ ms, [0-9.]+% of dense") as e:
+        PruneRun(config(tmp_path, budget="1%"), tmp_path / "run").run()
+    assert e.value.minimum > e.value.budget
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # stopped before the first training step
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_a_step_below_the_smallest_reachable_latency_takes_the_smallest_plan(final, tmp_path):
+    from mdprune.prune import calibrated_model, open_lut
+    from mdprune.report import write_report
+    from mdprune.solve.from_space import smallest_latency
+
+    run = PruneRun(config(tmp_path), tmp_path / "run")
+    run.setup()
+    run.lm, dense = calibrated_model(run.space, open_lut(run.cfg.lut, run.settings), run.settings)
+    floor = smallest_latency(run.space, run.lm)
+    run.state_latency = {"target_ms": 0.5 * floor, "dense_ms": dense["ms"]}
+    said: list[str] = []
+    run.log = said.append
+    scores = {d.name: torch.rand(d.size).numpy() for d in run.space.prunable_dims()}
+    plan, info = run._solve(scores, 0.5 * floor, mdprune.Plan(), final=final)
+    assert info["unreachable"] == {"budget_ms": 0.5 * floor, "smallest_ms": pytest.approx(floor)}
+    assert info["predicted_ms"] == pytest.approx(floor, rel=1e-6)
+    assert any("taking the smallest reachable plan" in s for s in said)
+    assert bool(info["checks"]) == final  # the final step still measures what it kept
+    files = write_report({"history": [{"step": 0, **info}]}, tmp_path / "report")
+    assert "the smallest reachable plan was taken" in Path(files["markdown"]).read_text()

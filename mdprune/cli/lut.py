@@ -26,7 +26,8 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     g.add_argument("--threads", type=int, default=1, help="CPU threads while measuring (default 1)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    g.add_argument("--backend", default="eager", choices=["eager", "onnxruntime"])
+    g.add_argument("--backend", default="eager", choices=["eager", "onnxruntime", "flops"],
+                   help="runtime measured in; flops: deterministic counts instead of timing (dry runs, tests)")
     g.add_argument("--cache", default=None, metavar="DIR", help=f"table cache (default {default_cache_dir()})")
     g.add_argument("--grid-points", type=int, default=16, help="grid widths per role, 2-role ops (default 16)")
     g.add_argument("--grid-points-3d", type=int, default=5, help="grid widths per role, attention (default 5)")

@@ -80,7 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--latency-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                      help="precision latency is measured at (half precision: cuda only)")
     lat.add_argument("--threads", type=int, default=1, help="CPU threads while measuring (default 1)")
-    lat.add_argument("--backend", choices=["eager", "onnxruntime"], default="eager")
+    lat.add_argument("--backend", choices=["eager", "onnxruntime", "flops"], default="eager",
+                     help="runtime measured in; flops: deterministic counts instead of timing (dry runs, tests)")
     lat.add_argument("--grid-points", type=int, default=16, help="grid widths per role (default 16)")
     lat.add_argument("--timing-rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     lat.add_argument("--timing-reps", type=int, default=5, help="timed samples per round (default 5)")

@@ -1,24 +1,46 @@
-"""Runtimes a latency is measured in. A table is only valid for the runtime it was measured in."""
+"""Runtimes a latency is measured in. A table is only valid for the runtime it was measured in.
+
+A backend turns a module into a callable (``runner``) and measures a set of runners together (``measure``).
+Passing a backend object in :class:`~mdprune.latency.LatencySettings` (``backend=...``) replaces every
+measurement mdprune takes: :class:`FlopsBackend` gives deterministic "latencies" for tests and dry runs.
+"""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .timing import Measurement, TimingSettings, measure_many
 
 
+@runtime_checkable
 class Backend(Protocol):
-    """Turns a module and its inputs into a callable that runs one forward pass in some runtime."""
+    """Turns a module and its inputs into a callable that runs one forward pass, and measures such callables."""
 
     name: str
 
     def runner(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]: ...
 
+    def measure(self, runners: Mapping[Hashable, Callable[[], Any]], timing: TimingSettings,
+                on_round: Callable[[int], None] | None = None) -> dict[Hashable, Measurement]: ...
 
-class EagerBackend:
+
+class TimedBackend:
+    """A backend whose runners are timed on the wall clock (see :func:`mdprune.latency.measure_many`)."""
+
+    name = "timed"
+
+    def measure(self, runners: Mapping[Hashable, Callable[[], Any]], timing: TimingSettings,
+                on_round: Callable[[int], None] | None = None) -> dict[Hashable, Measurement]:
+        return measure_many(runners, timing, on_round=on_round)
+
+
+class EagerBackend(TimedBackend):
     """Eager PyTorch (the default)."""
 
     name = "eager"
@@ -28,7 +50,7 @@ class EagerBackend:
         return lambda: module(*inputs)
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(TimedBackend):
     """ONNX Runtime on the CPU: the module is exported (TorchScript exporter) and run by an InferenceSession."""
 
     name = "onnxruntime"
@@ -52,9 +74,83 @@ class OnnxRuntimeBackend:
         return lambda: sess.run(None, feeds)
 
 
-def get_backend(name: str, threads: int = 1) -> Backend:
-    if name == "eager":
+class _Counted:
+    """A runner of :class:`FlopsBackend`: runs the module once when made, and carries its modelled cost."""
+
+    def __init__(self, ms: float):
+        self.ms = ms
+
+    def __call__(self) -> None:
+        return None
+
+
+class FlopsBackend:
+    """Deterministic latencies from operation counts, with no clock: for tests and dry runs.
+
+    A module's "latency" is ``overhead_ms + ms_per_gflop * FLOPs / 1e9 + ms_per_melement * elements / 1e6``
+    (elements: the sizes of its inputs and outputs, so memory-bound ops cost something too). Counts come from
+    PyTorch's ``FlopCounterMode``; every measurement is exact, with zero noise. ``scale`` maps a runner's
+    key or label to a factor, to model a runtime that does not match the counts (a noisy dense measurement, a
+    slower pruned model).
+    """
+
+    name = "flops"
+
+    def __init__(self, ms_per_gflop: float = 1.0, ms_per_melement: float = 1.0, overhead_ms: float = 1e-3,
+                 scale: Callable[[Hashable, int], float] | None = None):
+        self.ms_per_gflop = ms_per_gflop
+        self.ms_per_melement = ms_per_melement
+        self.overhead_ms = overhead_ms
+        self.scale = scale
+        self.calls = 0  # measure() calls so far (a scale function may depend on it)
+
+    def runner(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+        module.eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            out = module(*inputs)
+        elements = sum(x.numel() for x in inputs) + sum(t.numel() for t in _tensors(out))
+        ms = self.overhead_ms + self.ms_per_gflop * counter.get_total_flops() / 1e9 \
+            + self.ms_per_melement * elements / 1e6
+        return _Counted(ms)
+
+    def measure(self, runners: Mapping[Hashable, Callable[[], Any]], timing: TimingSettings,
+                on_round: Callable[[int], None] | None = None) -> dict[Hashable, Measurement]:
+        self.calls += 1
+        out = {}
+        for k, r in runners.items():
+            if not isinstance(r, _Counted):
+                raise TypeError("FlopsBackend measures only the runners it made")
+            ms = r.ms * (self.scale(k, self.calls) if self.scale is not None else 1.0)
+            out[k] = Measurement(ms, 0.0, [ms] * max(1, timing.rounds))
+        for r in range(timing.rounds):
+            if on_round is not None:
+                on_round(r)
+        return out
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
+
+
+def get_backend(backend: str | Backend, threads: int = 1) -> Backend:
+    """The backend named ``backend`` (``eager``, ``onnxruntime``, ``flops``), or ``backend`` itself."""
+    if not isinstance(backend, str):
+        return backend
+    if backend == "eager":
         return EagerBackend()
-    if name == "onnxruntime":
+    if backend == "onnxruntime":
         return OnnxRuntimeBackend(threads)
-    raise ValueError(f"unknown latency backend {name!r}; choose eager or onnxruntime")
+    if backend == "flops":
+        return FlopsBackend()
+    raise ValueError(f"unknown latency backend {backend!r}; choose eager, onnxruntime or flops")
+
+
+def backend_name(backend: str | Backend) -> str:
+    return backend if isinstance(backend, str) else backend.name

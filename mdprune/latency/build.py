@@ -16,12 +16,12 @@ import torch
 from ..apply import Plan, slim
 from ..progress import progress_bar
 from ..space import Op, PruningSpace
-from .backends import get_backend
+from .backends import Backend, backend_name, get_backend
 from .loadwatch import LoadWatch
 from .model import LatencyModel
 from .ops import ROLES, op_module
 from .table import LatencyTable, default_cache_dir, fingerprint, signature
-from .timing import Measurement, TimingSettings, measure_many
+from .timing import Measurement, TimingSettings
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LatencySettings:
     batch: int = 1
     threads: int = 1
     dtype: str = "float32"
-    backend: str = "eager"
+    backend: str | Backend = "eager"  # a name, or a Backend object (see mdprune.latency.backends)
     grid_points: int = 16  # per role, ops with two roles (convolutions, linear layers): every width by default
     grid_points_3d: int = 5  # per role, attention (heads x q/k x v)
     chunk: int = 32  # points measured together (interleaved), then saved
@@ -51,7 +51,7 @@ class LatencySettings:
         return getattr(torch, self.dtype)
 
     def fingerprint(self) -> dict[str, Any]:
-        return fingerprint(self.device, self.threads, self.torch_dtype, self.batch, self.backend)
+        return fingerprint(self.device, self.threads, self.torch_dtype, self.batch, backend_name(self.backend))
 
 
 @dataclass
@@ -127,7 +127,7 @@ def build(space: PruningSpace, table: LatencyTable, settings: LatencySettings, *
 
 
 def _measure_points(points: list[tuple[Op, tuple[int, ...]]], table: LatencyTable, settings: LatencySettings,
-                    backend: Any, watch: LoadWatch, bar: Callable[[int], None], out_of_time: Callable[[], bool],
+                    backend: Backend, watch: LoadWatch, bar: Callable[[int], None], out_of_time: Callable[[], bool],
                     on_point: Callable[[str, tuple[int, ...]], None] | None = None) -> int:
     """Measure ``points`` chunk by chunk (interleaved within a chunk, with the load canary), saving after each;
     returns how many."""
@@ -142,7 +142,7 @@ def _measure_points(points: list[tuple[Op, tuple[int, ...]]], table: LatencyTabl
                                        settings.batch, settings.device, settings.torch_dtype)
             runners[(id(op), p)] = backend.runner(module, inputs)
         watch.add_to(runners)
-        results = measure_many(runners, settings.timing)
+        results = backend.measure(runners, settings.timing)
         for op, p in chunk:
             m = results[(id(op), p)]
             table.put(op, p, m.ms, m.noise)
@@ -214,7 +214,7 @@ def measure_models(models: dict[str, torch.nn.Module], space: PruningSpace, sett
     runners = {k: backend.runner(m.to(settings.device, settings.torch_dtype).eval(), inputs)
                for k, m in models.items()}
     with progress_bar(progress, settings.timing.rounds, "measuring models") as bar:
-        return measure_many(runners, settings.timing, on_round=lambda r: bar(1))
+        return backend.measure(runners, settings.timing, on_round=lambda r: bar(1))
 
 
 def latency_model(space: PruningSpace, table: LatencyTable, settings: LatencySettings, mode: str = "table"

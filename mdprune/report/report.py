@@ -104,7 +104,11 @@ def _solver_steps(history: list[dict[str, Any]]) -> list[str]:
                      step.get("method", "n/a"), "n/a" if seconds is None else f"{seconds:.2f}",
                      removed, digest])
     header = ["Step", "Budget", "Predicted", "Status", "Gap", "Method", "Solve time (s)", "Removed blocks", "Plan"]
-    return lines + _table(header, rows) + _budget_checks(history)
+    notes = [f"Step {step.get('step', i)}: its budget {format_ms(u.get('budget_ms'))} was below the smallest "
+             f"latency reachable from the plan before it, {format_ms(u.get('smallest_ms'))}; the smallest "
+             "reachable plan was taken." for i, step in enumerate(history) if (u := step.get("unreachable"))]
+    notes = [n for note in notes for n in (note, "")]
+    return lines + _table(header, rows) + notes + _budget_checks(history)
 
 
 def _budget_checks(history: list[dict[str, Any]]) -> list[str]:

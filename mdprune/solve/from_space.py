@@ -18,7 +18,7 @@ from ..importance import kept_value
 from ..latency import LatencyModel
 from ..space import PruningSpace, Seg, TensorAxes
 from .problem import CostTerm, DimChoice, Problem, Resource, Solution
-from .solver import solve
+from .solver import minimum_usage, solve
 
 
 def build_problem(space: PruningSpace, scores: Mapping[str, np.ndarray], latency: LatencyModel,
@@ -194,6 +194,15 @@ def solve_plan(space: PruningSpace, scores: Mapping[str, np.ndarray], latency: L
     exactly, and return its plan with the solution."""
     sol = solve(build_problem(space, scores, latency, budget_ms, current=current, **problem), time_limit=time_limit)
     return plan_from_solution(space, sol, scores, current), sol
+
+
+def smallest_latency(space: PruningSpace, latency: LatencyModel, *, current: Plan | None = None,
+                     **problem: Any) -> float:
+    """The smallest predicted latency any plan reaches (``problem``: the other arguments of
+    :func:`build_problem`; budgets on parameters or MACs are ignored, ``min_blocks_kept`` is honoured)."""
+    problem = {k: v for k, v in problem.items() if k not in ("params", "macs")}
+    scores = {d.name: np.ones(d.size) for d in space.prunable_dims()}
+    return minimum_usage(build_problem(space, scores, latency, 1e30, current=current, **problem), "latency")
 
 
 def _rank_current(kept: list[int], size: int) -> np.ndarray:

@@ -23,11 +23,12 @@ from ..apply import Plan, slim
 from ..apply.io import save
 from ..budget_check import solve_within_measured_budget
 from ..importance import ImportanceAccumulator
-from ..latency import LatencyModel, measure_models
+from ..latency import Backend, LatencyModel, measure_models
 from ..models import load_checkpoint
 from ..progress import progress_bar
 from ..prune import calibrated_model, open_lut, parse_budget
-from ..solve.from_space import solve_plan
+from ..solve import InfeasibleBudget
+from ..solve.from_space import smallest_latency, solve_plan
 from ..space import PruningSpace, analyze
 from . import distributed as dist
 from .bn import recalibrate_bn
@@ -48,8 +49,12 @@ def plan_digest(plan: Plan) -> str:
 class PruneRun:
     """One run of ``mdprune prune``. Call :meth:`run`; artifacts land in ``run_dir``."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = False):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = False,
+                 backend: Backend | None = None):
+        """``backend`` replaces the configured latency backend for every measurement (a deterministic
+        :class:`~mdprune.latency.FlopsBackend` in tests, say); the config keeps its name."""
         self.cfg = cfg
+        self.backend = backend
         self.d = dist.init(cfg.device)
         self.dir = RunDir(run_dir, writer=self.d.main)
         self.resume = resume
@@ -86,6 +91,8 @@ class PruneRun:
                                    self.d.enabled)
         self.val_loader = loader(self.val_ds, 256, False, cfg.workers)
         self.settings = latency_settings(cfg, self.d.device)
+        if self.backend is not None:
+            self.settings.backend = self.backend
 
     def _epoch_order(self, epoch: int) -> None:
         """Data order is a function of (seed, epoch): a resumed run sees what an uninterrupted one would."""
@@ -128,6 +135,13 @@ class PruneRun:
         lm, dense = calibrated_model(self.space, table, self.settings, cfg.mode, True, self.progress)
         target = parse_budget(cfg.budget, dense["ms"])
         self.log(f"dense latency {dense['ms']:.3f} ms (noise {100 * dense['noise']:.1f}%); target {target:.3f} ms")
+        floor = smallest_latency(self.space, lm.frozen_at(self.space.dense_sizes()) if cfg.mode == "linear" else lm,
+                                 **self._problem_options())
+        if target < floor:  # before any training: the final step could never reach it
+            raise InfeasibleBudget("latency", target, floor, (
+                f"the target is {target:.3f} ms, {100 * target / dense['ms']:.1f}% of the dense {dense['ms']:.3f} ms; "
+                f"the smallest reachable latency is {floor:.3f} ms, {100 * floor / dense['ms']:.1f}% of dense: "
+                "raise the budget to at least that"))
         acc = evaluate(self.model, self.val_loader, self.d.device)
         self.log(f"dense accuracy {100 * acc['accuracy']:.2f}%")
         budgets = budget_path(dense["ms"], target, cfg.schedule.steps)
@@ -136,35 +150,49 @@ class PruneRun:
                             "noise": dense["noise"], "target_ms": target, "budgets": budgets},
                 "dense_accuracy": acc["accuracy"], "history": []}
 
+    def _problem_options(self) -> dict[str, Any]:
+        """The program's options besides the latency budget: blocks, parameter and MAC budgets, depth."""
+        cfg = self.cfg
+        params = None if cfg.params_budget is None else parse_budget(cfg.params_budget, self.space.count_params())
+        macs = None if cfg.macs_budget is None else parse_budget(cfg.macs_budget, self.space.count_macs())
+        return {"blocks": cfg.blocks, "params": params, "macs": macs, "min_blocks_kept": cfg.min_blocks_kept}
+
     def _solve(self, scores: dict[str, Any], budget: float, current: Plan, final: bool = False
                ) -> tuple[Plan, dict[str, Any]]:
         """Rank 0 solves; every rank gets the same plan. The final step's plan is held to its budget on
-        measured latency (see :mod:`mdprune.budget_check`)."""
+        measured latency (see :mod:`mdprune.budget_check`). A step whose budget is below the smallest latency
+        reachable from the current plan takes the smallest reachable plan, and says so."""
         cfg = self.cfg
         out = None
         if self.d.main:
             try:
-                params = None if cfg.params_budget is None else parse_budget(cfg.params_budget,
-                                                                              self.space.count_params())
-                macs = None if cfg.macs_budget is None else parse_budget(cfg.macs_budget, self.space.count_macs())
+                options = self._problem_options()
                 lm = self.lm.frozen_at(current.sizes(self.space)) if cfg.mode == "linear" else self.lm
 
                 def solve_at(ms: float) -> tuple[Plan, Any]:
                     return solve_plan(self.space, scores, lm, ms, current=current, time_limit=cfg.solver_time_limit,
-                                      blocks=cfg.blocks, params=params, macs=macs,
-                                      min_blocks_kept=cfg.min_blocks_kept)
+                                      **options)
 
+                unreachable = None
+                try:
+                    plan, sol = solve_at(budget)
+                except InfeasibleBudget as e:
+                    if e.resource != "latency":
+                        raise
+                    unreachable = {"budget_ms": budget, "smallest_ms": e.minimum}
+                    self.log(f"the step's budget {budget:.3f} ms is below the smallest latency reachable from the "
+                             f"current plan, {e.minimum:.3f} ms: taking the smallest reachable plan")
+                    plan, sol = solve_at(e.minimum * (1 + 1e-9))
                 checks: list[dict[str, float]] = []
                 if final and cfg.verify_rounds >= 0:
                     lat = self.state_latency
+                    target = lat["target_ms"] if unreachable is None else unreachable["smallest_ms"] * (1 + 1e-9)
                     plan, sol, checks = solve_within_measured_budget(
-                        self.space, self.lm, self.settings, solve_at, lat["target_ms"], lat["dense_ms"],
-                        rounds=cfg.verify_rounds, log=self.log)
-                else:
-                    plan, sol = solve_at(budget)
+                        self.space, self.lm, self.settings, solve_at, target, lat["dense_ms"],
+                        rounds=cfg.verify_rounds if unreachable is None else 0, log=self.log)
                 info = {"budget_ms": budget, "predicted_ms": self.lm.predict_plan(plan), "status": sol.status,
                         "gap": sol.gap, "seconds": sol.seconds, "method": sol.method, "removed": plan.removed,
-                        "checks": checks}
+                        "checks": checks, "unreachable": unreachable}
                 out = (plan.to_dict(), info, None)
             except Exception as e:  # noqa: BLE001 - every rank must stop, not only rank 0
                 out = (None, None, e)
