@@ -17,6 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "prunable dimensions, removable blocks and compute ops.")
     add_model_args(p)
     p.add_argument("--ops", action="store_true", help="also list every op with its signature")
+    p.add_argument("--kept", type=int, default=10, metavar="N", help="modules kept whole to list (default 10)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the whole description as JSON")
     p.set_defaults(func=run)
 
@@ -34,6 +35,11 @@ def run(args: argparse.Namespace) -> int:
                   f"MACs {human(s['macs'])}")
     console.print(f"{s['prunable_dimensions']} prunable dimensions ({kinds}) of {s['dimensions']}; "
                   f"{s['removable_blocks']} removable blocks of {s['blocks']}; {s['ops']} ops")
+    cov = space.coverage()
+    console.print(f"a plan can change {100 * cov['params']['share']:.1f}% of the parameters and "
+                  f"{100 * cov['macs']['share']:.1f}% of the MACs (through widths alone "
+                  f"{100 * cov['params']['widths_share']:.1f}% and {100 * cov['macs']['widths_share']:.1f}%; "
+                  "the rest only by removing blocks)")
 
     t = Table(title="Dimensions")
     for col in ("name", "kind", "size", "step", "choices", "block", "protected"):
@@ -51,6 +57,16 @@ def run(args: argparse.Namespace) -> int:
         n = sum(params[x].numel() for x in b.tensors if x in params)
         t.add_row(b.name, b.shortcut, str(len(b.modules)), human(n), b.protected or "")
     console.print(t)
+
+    if cov["kept_whole"]:
+        t = Table(title="Kept whole (largest first)")
+        for col in ("module", "params", "why"):
+            t.add_column(col)
+        for k in cov["kept_whole"][:args.kept]:
+            t.add_row(k["module"], human(k["params"]), "; ".join(k["reasons"]))
+        if len(cov["kept_whole"]) > args.kept:
+            t.add_row(f"... {len(cov['kept_whole']) - args.kept} more (--kept N, --json)", "", "")
+        console.print(t)
 
     if args.ops:
         t = Table(title="Ops")
@@ -73,6 +89,7 @@ def space_to_dict(space: PruningSpace) -> dict[str, Any]:
     dense = space.dense_sizes()
     return {
         "summary": space.summary(),
+        "coverage": space.coverage(),
         "input_shapes": space.input_shapes,
         "dimensions": [{"name": d.name, "kind": d.kind, "size": d.size, "step": d.step, "block": d.block,
                         "protected": d.protected} for d in space.dims.values()],

@@ -166,6 +166,24 @@ def _format_value(value: Any) -> str:
     return f"{v:.4g}" if isinstance(value, float) and v is not None else str(value)
 
 
+def _coverage(cov: dict[str, Any] | None, top: int = 10) -> list[str]:
+    """What the plan could change, and what was kept whole and why (see ``PruningSpace.coverage``)."""
+    if not cov:
+        return []
+    p, m = cov["params"], cov["macs"]
+    lines = ["## Coverage", "",
+             f"A plan could change {100 * p['share']:.1f}% of the parameters and {100 * m['share']:.1f}% of the "
+             f"MACs ({100 * p['widths_share']:.1f}% and {100 * m['widths_share']:.1f}% through widths, the rest "
+             "only by removing blocks).", ""]
+    kept = cov.get("kept_whole") or []
+    if kept:
+        rows = [[k["module"], format_count(k["params"]), "; ".join(k["reasons"])] for k in kept[:top]]
+        lines += ["Kept whole (largest first):", ""] + _table(["Module", "Parameters", "Why"], rows)
+        if len(kept) > top:
+            lines += [f"... and {len(kept) - top} more modules (report.json has them all).", ""]
+    return lines
+
+
 def render_markdown(result: dict[str, Any], plot_files: dict[str, str] | None = None) -> str:
     """The markdown report; ``plot_files`` maps plot name -> file name relative to the report, for embedding."""
     files = plot_files or {}
@@ -176,5 +194,6 @@ def render_markdown(result: dict[str, Any], plot_files: dict[str, str] | None = 
     lines += _solver_steps(result.get("history") or []) + _plot(files, "budget_path")
     lines += _removed_blocks(result) + _plot(files, "blocks")
     lines += _widths(result) + _plot(files, "widths")
+    lines += _coverage(result.get("coverage"))
     lines += _details(result)
     return "\n".join(lines).rstrip() + "\n"

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .coverage import coverage
+
 if TYPE_CHECKING:
     import torch.fx as fx
 
@@ -221,6 +223,10 @@ class PruningSpace:
             for t in b.tensors:
                 out[t] = b.name
         return out
+
+    def coverage(self) -> dict[str, Any]:
+        """Share of parameters and MACs a plan can change, and what is kept whole and why."""
+        return coverage(self)
 
     # ---- text --------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

@@ -357,6 +357,7 @@ class PruneRun:
             "widths": {d.name: [sizes[d.name], d.size, d.kind, d.block] for d in self.space.prunable_dims()},
             "blocks": {b.name: b.name not in removed for b in self.space.removable_blocks()},
             "removed_blocks": sorted(removed), "history": state["history"], "curve": state.get("curve", []),
+            "coverage": self.space.coverage(),
             "budgets": lat["budgets"], "latency_model": {"mode": self.cfg.mode, "scale": lat["scale"],
                                                         "constant": lat["constant"]},
             "fingerprint": self.settings.fingerprint(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
