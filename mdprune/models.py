@@ -63,9 +63,29 @@ def _is_torchvision(name: str) -> bool:
     return name in torchvision.models.list_models()
 
 
-def rebuild(source: Mapping[str, Any]) -> nn.Module:
-    """Build the model described by a ``_mdprune_source`` record."""
-    return create_model(source["name"], **dict(source.get("kwargs", {})))
+# constructor arguments that make a library load other files or fetch weights: a file must not ask for them
+_LOADING_KWARGS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "weights",
+                             "weights_backbone"})
+
+
+def rebuild(source: Mapping[str, Any], trust_code: bool = False) -> nn.Module:
+    """Build the model described by a ``_mdprune_source`` record (read from a model file).
+
+    Only mdprune's own, torchvision and timm names are built unless ``trust_code``: a ``package.module:function``
+    name would import and run that code, and arguments such as ``checkpoint_path`` would load other files.
+    """
+    name, kwargs = str(source["name"]), dict(source.get("kwargs", {}))
+    if not trust_code:
+        prefix, sep, _ = name.partition(":")
+        if sep and prefix not in ("torchvision", "timm"):
+            raise ModelError(
+                f"the file names the model builder {name!r}: rebuilding it would import and run that code. "
+                "If you trust the file, load it with trust_code=True (command line: --trust-code)")
+        asked = sorted(_LOADING_KWARGS & set(kwargs))
+        if asked:
+            raise ModelError(f"the file asks the model builder for {asked}, which load other files or weights; "
+                             "if you trust the file, load it with trust_code=True (command line: --trust-code)")
+    return create_model(name, **kwargs)
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:

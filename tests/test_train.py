@@ -87,7 +87,7 @@ def test_resume_gives_the_same_plan_and_weights(kind, nth, tmp_path, monkeypatch
     _interrupt_after(monkeypatch, tmp_path / "interrupted", nth)
     full = PruneRun(cfg, tmp_path / "full").run()
     monkeypatch.undo()
-    state = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)
     assert state["phase"] == ("finetune" if kind == "oneshot" else "prune")
     resumed = PruneRun(cfg, tmp_path / "interrupted", resume=True).run()
     a = mdprune.load(tmp_path / "full" / "model.pt").state_dict()
@@ -133,7 +133,7 @@ def test_image_folder_data(tmp_path):
     result = PruneRun(cfg, tmp_path / "run").run()
     kept = next(c for c in result["history"][-1]["checks"] if c["kept"])  # the final plan's measured check
     assert result["predicted_ms"] <= kept["budget_ms"] * (1 + 1e-6)
-    assert mdprune.load(tmp_path / "run" / "model.pt")(torch.randn(1, 3, 8, 8)).shape == (1, 2)
+    assert mdprune.load(tmp_path / "run" / "model.pt", trust_code=True)(torch.randn(1, 3, 8, 8)).shape == (1, 2)
 
 
 def test_bad_inputs_get_clear_errors(tmp_path):
@@ -174,7 +174,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(run_module, "train_epoch", flaky)
     with pytest.raises(NaNLoss, match="last good checkpoint"):
         PruneRun(config(tmp_path), tmp_path / "run").run()
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert state["phase"] == "finetune" and state["epoch"] == 1
 
 

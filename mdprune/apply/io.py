@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,18 @@ def save(model: nn.Module, path: str | Path) -> None:
     torch.save({"format": FORMAT, "info": info, "state_dict": model.state_dict()}, Path(path))
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> fx.GraphModule:
-    """Rebuild a model saved by :func:`save` (safe: ``torch.load(..., weights_only=True)``)."""
-    ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
+def load(path: str | Path, map_location: str | torch.device = "cpu", trust_code: bool = False) -> fx.GraphModule:
+    """Rebuild a model saved by :func:`save`.
+
+    Safe by default: the file is read with ``torch.load(..., weights_only=True)`` (tensors and plain data only)
+    and only mdprune's, torchvision's and timm's model names are rebuilt. A file naming your own
+    ``package.module:function`` builder needs ``trust_code=True``, since rebuilding it runs that code.
+    """
+    ckpt = read_tensors_file(path, map_location, what="an mdprune model file")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an mdprune model file ({FORMAT})")
+        raise ValueError(f"{path} is not an mdprune model file ({FORMAT}); save models with mdprune.save")
     info = ckpt["info"]
-    base = rebuild(info["source"])
+    base = rebuild(info["source"], trust_code=trust_code)
     inputs = [torch.zeros(s) for s in info["input_shapes"]]
     opts = info.get("options", {})
     space = analyze(base, inputs, steps=opts.get("steps"), ignored_layers=opts.get("ignored_layers", ()),
@@ -54,6 +60,23 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> fx.Graph
     model = slim(space, Plan.from_dict(info["plan"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(map_location)
+
+
+def read_tensors_file(path: str | Path, map_location: str | torch.device = "cpu", what: str = "a checkpoint"
+                      ) -> Any:
+    """``torch.load`` with ``weights_only=True``, its failures turned into errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist (expected {what})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():  # a class or function to import: code
+            raise ValueError(f"{path} holds objects other than tensors and plain data, which mdprune never "
+                             f"unpickles (it runs code); expected {what}") from e
+        raise ValueError(f"{path} cannot be read as {what} (not a PyTorch file)") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} cannot be read as {what} (truncated or not a PyTorch file): {e}") from e
 
 
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], path: str | Path,

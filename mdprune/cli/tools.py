@@ -16,10 +16,17 @@ from ..train.loop import evaluate, make_optimizer, make_scheduler, train_epoch
 from .prune import add_data_args, add_train_args, train_config
 
 
+def add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="rebuild a model whose file names your own package.module:function builder (this runs "
+                        "that code; torchvision, timm and mdprune models never need it)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("finetune", help="fine-tune a saved (slim) model",
                        description="Fine-tune a model saved by mdprune (model.pt of a run) on a data set.")
     f.add_argument("model_file")
+    add_trust_arg(f)
     add_data_args(f)
     add_train_args(f, epochs=1)
     f.add_argument("--bn-recalibrate", type=int, default=0, metavar="BATCHES",
@@ -31,6 +38,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("eval", help="accuracy (and latency) of a saved model")
     e.add_argument("model_file")
+    add_trust_arg(e)
     add_data_args(e)
     e.add_argument("--latency", action="store_true", help="also measure its latency on --device")
     e.add_argument("--latency-batch", type=int, default=1)
@@ -40,6 +48,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     x = sub.add_parser("export", help="export a saved model to ONNX")
     x.add_argument("model_file")
+    add_trust_arg(x)
     x.add_argument("--out", required=True, help="the .onnx file to write")
     x.add_argument("--batch", type=int, default=1)
     x.add_argument("--static-batch", action="store_true", help="fix the batch size instead of a dynamic axis")
@@ -67,7 +76,7 @@ def _datasets(args: argparse.Namespace, model: torch.nn.Module):
 def run_finetune(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    model = load(args.model_file).to(device)
+    model = load(args.model_file, trust_code=args.trust_code).to(device)
     train_ds, val_ds = _datasets(args, model)
     cfg = train_config(args)
     tl = loader(train_ds, cfg.batch_size, True, args.workers, args.seed)
@@ -87,7 +96,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    model = load(args.model_file).to(device)
+    model = load(args.model_file, trust_code=args.trust_code).to(device)
     _, val_ds = _datasets(args, model)
     acc = evaluate(model, loader(val_ds, 256, False, args.workers), device)
     print(f"accuracy {100 * acc['accuracy']:.2f}% on {acc['samples']} images")
@@ -104,7 +113,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    model = load(args.model_file)
+    model = load(args.model_file, trust_code=args.trust_code)
     x = torch.randn(_input_shape(model, args.batch))
     path = export_onnx(model, x, args.out, dynamic_batch=not args.static_batch)
     print(f"wrote {path}")

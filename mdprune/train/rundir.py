@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..apply.io import read_tensors_file
+
 
 class RunDirError(ValueError):
     """The run directory holds a different run (or an unfinished one, without --resume)."""
@@ -64,7 +66,10 @@ class RunDir:
         os.replace(tmp, self.checkpoint)
 
     def load_checkpoint(self) -> dict[str, Any]:
-        state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+        """The last checkpoint, read as tensors and plain data only (a crafted file cannot run code)."""
+        state = read_tensors_file(self.checkpoint, what="an mdprune run checkpoint")
+        if not isinstance(state, dict) or "phase" not in state or "rng" not in state:
+            raise RunDirError(f"{self.checkpoint} is not an mdprune run checkpoint; choose another --run-dir")
         set_rng_state(state["rng"])
         return state
 
@@ -76,13 +81,18 @@ class RunDir:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every random generator's state, as tensors and plain data (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
