@@ -108,19 +108,54 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
-    """Load weights from a checkpoint file (a state_dict, or a dict holding one under model/state_dict)."""
+    """Load weights from a checkpoint file (a state_dict, or a dict holding one under model/state_dict).
+
+    Read with ``weights_only=True``; a mismatch names the first missing, unexpected or differently shaped
+    tensor with both shapes.
+    """
+    from .apply.io import read_tensors_file
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise ModelError(f"checkpoint not found: {path}") from e
+        ckpt = read_tensors_file(path, what="a checkpoint (a state_dict file)")
+    except ValueError as e:
+        raise ModelError(str(e)) from e
     if isinstance(ckpt, Mapping):
         for key in ("model", "state_dict", "model_state_dict"):
             if key in ckpt and isinstance(ckpt[key], Mapping):
                 ckpt = ckpt[key]
                 break
+    if not isinstance(ckpt, Mapping) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ModelError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state_dict (tensor name -> "
+                         "tensor): save it with torch.save(model.state_dict(), path)")
     state = {k.removeprefix("module."): v for k, v in ckpt.items()}
-    try:
-        model.load_state_dict(state, strict=strict)
-    except RuntimeError as e:
-        raise ModelError(f"checkpoint {path} does not match the model: {str(e).splitlines()[0]} ...") from e
+    problem = _mismatch(model.state_dict(), state, strict)
+    if problem:
+        raise ModelError(f"checkpoint {path} does not match the model: {problem}")
+    model.load_state_dict(state, strict=strict)
     return model
+
+
+def _mismatch(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], strict: bool) -> str:
+    """The first difference between a model's state_dict and a checkpoint's, with a hint ('' if they fit)."""
+    for k, v in own.items():
+        if k in given and tuple(given[k].shape) != tuple(v.shape):
+            hint = ""
+            if v.dim() >= 1 and given[k].shape[1:] == v.shape[1:] and k == _last_weight(own):
+                hint = f" (the classifier: pass --num-classes {given[k].shape[0]} / num_classes={given[k].shape[0]})"
+            return (f"{k} has shape {tuple(given[k].shape)} in the checkpoint and {tuple(v.shape)} in the model"
+                    f"{hint}; {sum(1 for j in own if j in given and given[j].shape != own[j].shape)} tensor(s) differ")
+    if strict:
+        missing = [k for k in own if k not in given]
+        extra = [k for k in given if k not in own]
+        if missing:
+            return (f"{len(missing)} tensor(s) missing from the checkpoint, first {missing[0]!r}"
+                    + (f"; {len(extra)} unexpected, first {extra[0]!r}" if extra else "")
+                    + ": is it a checkpoint of this model (name and --model-arg)?")
+        if extra:
+            return f"{len(extra)} unexpected tensor(s) in the checkpoint, first {extra[0]!r}"
+    return ""
+
+
+def _last_weight(state: Mapping[str, torch.Tensor]) -> str | None:
+    weights = [k for k in state if k.endswith(".weight")]
+    return weights[-1] if weights else None

@@ -6,6 +6,7 @@ exactly -> slim -> measure. Fine-tuning is up to the caller (or ``mdprune prune`
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -73,18 +74,36 @@ class PruneReport:
                 f"(gap {self.solver['gap']:.2e}, {self.solver['seconds']:.2f} s)")
 
 
-def parse_budget(budget: str | float, reference: float, unit: str = "ms") -> float:
-    """``"50%"`` of ``reference``, ``"12ms"``/``12.0`` as an absolute value (counts accept ``"60%"`` too)."""
+def _read_budget(budget: str | float, unit: str) -> tuple[float, bool]:
+    """(value, is a percentage) of a budget as users write it: ``"50%"``, ``"12ms"``, ``12``, ``"2G"``."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise ValueError(f"cannot read budget {budget!r}: use '50%' or a number of {unit}")
     if isinstance(budget, (int, float)):
-        return float(budget)
-    text = budget.strip().lower()
-    m = re.fullmatch(r"([0-9.]+)\s*%", text)
-    if m:
-        return float(m.group(1)) / 100.0 * reference
-    m = re.fullmatch(r"([0-9.]+)\s*(ms)?", text)
-    if m:
-        return float(m.group(1))
-    raise ValueError(f"cannot read budget {budget!r}: use '50%' or a number of {unit}")
+        value, percent = float(budget), False
+    else:
+        text = budget.strip().lower()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(%|ms|k|m|g)?", text)
+        if not m:
+            raise ValueError(f"cannot read budget {budget!r}: use '50%' or a number of {unit}")
+        scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(m.group(2) or "", 1.0)
+        value, percent = float(m.group(1)) * scale, m.group(2) == "%"
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"budget {budget!r} must be positive: use '50%' or a number of {unit}")
+    if percent and value >= 100:
+        raise ValueError(f"budget {budget!r} of the dense model's {unit} prunes nothing: ask for less than 100%")
+    return value, percent
+
+
+def check_budget(budget: str | float, what: str = "latency") -> None:
+    """Refuse a budget that cannot be read or makes no sense, before anything is measured."""
+    _read_budget(budget, {"latency": "ms"}.get(what, what))
+
+
+def parse_budget(budget: str | float, reference: float, unit: str = "ms") -> float:
+    """``"50%"`` of ``reference``, ``"12ms"``/``12.0`` as an absolute value; counts accept ``"60%"``, ``"2G"``,
+    ``"500k"``."""
+    value, percent = _read_budget(budget, unit)
+    return value / 100.0 * reference if percent else value
 
 
 def open_lut(lut: str | Path | LatencyTable | None, settings: LatencySettings) -> LatencyTable:
@@ -162,6 +181,10 @@ def prune(
     Raises:
         InfeasibleBudget: the budget is below the smallest reachable latency (stated in the message).
     """
+    check_budget(budget, "latency")  # before anything is measured
+    for b, what in ((params, "parameters"), (macs, "MACs")):
+        if b is not None:
+            check_budget(b, what)
     t0 = time.monotonic()
     seconds: dict[str, float] = {}
     settings = settings or LatencySettings(device=str(torch.device(device)))

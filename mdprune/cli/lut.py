@@ -105,7 +105,11 @@ def run_show(args: argparse.Namespace) -> int:
     if not files:
         print(f"no tables in {cache}")
     for f in files:
-        t = LatencyTable.load(f)
+        try:
+            t = LatencyTable.load(f)
+        except ValueError as e:
+            print(f"{f.name}: BAD: {e}")
+            continue
         fp = t.fingerprint
         print(f"{f.name}: {fp['device']} {fp.get('gpu') or fp['processor']}, batch {fp['batch']}, "
               f"threads {fp.get('threads')}, {fp['dtype']}, {fp['backend']}; {len(t.ops)} op signatures, "

@@ -3,14 +3,14 @@
 from .backends import Backend, EagerBackend, FlopsBackend, OnnxRuntimeBackend, TimedBackend, get_backend
 from .build import BuildReport, LatencySettings, build, latency_model, measure_models, model_key, open_table
 from .model import IncompleteTable, LatencyModel
-from .table import FingerprintMismatch, LatencyTable, default_cache_dir, fingerprint, signature
+from .table import FingerprintMismatch, LatencyTable, TableError, default_cache_dir, fingerprint, signature
 from .timing import Measurement, TimingSettings, measure, measure_many
 from .validate import Validation, calibration_plans, random_plans, validate
 
 __all__ = [
     "Backend", "BuildReport", "EagerBackend", "FingerprintMismatch", "FlopsBackend", "IncompleteTable",
-    "LatencyModel", "LatencySettings", "LatencyTable", "Measurement", "OnnxRuntimeBackend", "TimedBackend",
-    "TimingSettings", "Validation", "build", "calibration_plans", "default_cache_dir", "fingerprint", "get_backend",
-    "latency_model", "measure", "measure_many", "measure_models", "model_key", "open_table", "random_plans",
-    "signature", "validate",
+    "LatencyModel", "LatencySettings", "LatencyTable", "Measurement", "OnnxRuntimeBackend", "TableError",
+    "TimedBackend", "TimingSettings", "Validation", "build", "calibration_plans", "default_cache_dir", "fingerprint",
+    "get_backend", "latency_model", "measure", "measure_many", "measure_models", "model_key", "open_table",
+    "random_plans", "signature", "validate",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -118,6 +119,9 @@ class LatencyTable:
 
     def put(self, op: Op, widths: tuple[int, ...], ms: float, noise: float) -> None:
         """Store a measurement; a point measured before keeps the faster of the two."""
+        if not (math.isfinite(ms) and ms > 0 and math.isfinite(noise)):
+            raise ValueError(f"op {op.name} at widths {widths} measured {ms!r} ms (noise {noise!r}): a latency "
+                             "must be a positive finite number; the measurement backend is broken")
         sig = signature(op)
         entry = self.ops.setdefault(sig, {"kind": op.kind, "fixed": _plain(
             {k: v for k, v in op.fixed.items() if k != "batch"}), "roles": list(ROLES[op.kind]), "points": {}})
@@ -150,15 +154,24 @@ class LatencyTable:
     def load(cls, path: str | Path, expect: dict[str, Any] | None = None, force: bool = False) -> LatencyTable:
         """Read a table; refuse one measured under another fingerprint than ``expect`` unless ``force``."""
         path = Path(path)
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an mdprune latency table ({FORMAT})")
+        rebuild = (f"delete {path} and build the table again (`mdprune lut build MODEL`; a prune run builds what "
+                   "it lacks)")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TableError(f"latency table {path} cannot be read ({e}): {rebuild}") from e
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise TableError(f"{path} is not an mdprune latency table ({FORMAT}): {rebuild}")
+        bad = _bad_entry(data)
+        if bad:
+            raise TableError(f"latency table {path} is damaged ({bad}): {rebuild}")
         if expect is not None and not force:
             diff = fingerprint_diff(data["fingerprint"], expect)
             if diff:
                 raise FingerprintMismatch(
                     f"latency table {path} was measured under another setup: {diff}. A table is only valid "
-                    "where it was measured; build one here, or pass force=True (--force) to use it anyway.")
+                    "where it was measured: build one here (`mdprune lut build MODEL` with the same --device, "
+                    "--batch, --threads), or load it anyway in Python with LatencyTable.load(path, force=True).")
         table = cls(data["fingerprint"], path, data.get("timing"))
         table.ops = data.get("ops", {})
         table.models = data.get("models", {})
@@ -171,6 +184,26 @@ class LatencyTable:
         if path.exists():
             return cls.load(path, expect=fp)
         return cls(fp, path)
+
+
+class TableError(ValueError):
+    """A latency table file that cannot be used: unreadable, not a table, or holding non-positive entries."""
+
+
+def _bad_entry(data: dict[str, Any]) -> str:
+    """The first thing wrong with a table's contents ('' if none)."""
+    if not isinstance(data.get("fingerprint"), dict):
+        return "no fingerprint"
+    for sig, e in (data.get("ops") or {}).items():
+        for key, v in (e.get("points") or {}).items() if isinstance(e, dict) else [("?", None)]:
+            if not isinstance(v, list) or not v or not isinstance(v[0], (int, float)) or not math.isfinite(v[0]) \
+                    or v[0] <= 0:
+                return f"op {sig[:60]}... point {key}: {v!r} is not a positive finite latency"
+    for name, m in (data.get("models") or {}).items():
+        ms = m.get("ms") if isinstance(m, dict) else None
+        if not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms <= 0:
+            return f"model {name}: {ms!r} is not a positive finite latency"
+    return ""
 
 
 def fingerprint_diff(have: dict[str, Any], want: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from ..importance import ImportanceAccumulator
 from ..latency import Backend, LatencyModel, measure_models
 from ..models import load_checkpoint
 from ..progress import progress_bar
-from ..prune import calibrated_model, open_lut, parse_budget
+from ..prune import calibrated_model, check_budget, open_lut, parse_budget
 from ..solve import InfeasibleBudget
 from ..solve.from_space import smallest_latency, solve_plan
 from ..space import PruningSpace, analyze
@@ -67,6 +67,10 @@ class PruneRun:
     # ---- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        check_budget(cfg.budget, "latency")  # before anything is built or measured
+        for text, what in ((cfg.params_budget, "parameters"), (cfg.macs_budget, "MACs")):
+            if text is not None:
+                check_budget(text, what)
         seed_everything(cfg.seed)
         opened = None
         if self.d.main:
@@ -115,7 +119,8 @@ class PruneRun:
                 state = self.dir.load_checkpoint() if self.resuming else self._start()
             state = dist.broadcast(state, self.d)
             if self.resuming:
-                self.log(f"resuming: phase {state['phase']}, epoch {state['epoch']}")
+                changed = f"; changed settings: {self.dir.changed}" if self.d.main and self.dir.changed else ""
+                self.log(f"resuming: phase {state['phase']}, epoch {state['epoch']}{changed}")
             self.lm = LatencyModel(self.space, open_lut(self.cfg.lut, self.settings), self.cfg.mode,
                                    self.settings.grid_points, self.settings.grid_points_3d)
             self.lm.scale, self.lm.constant = state["latency"]["scale"], state["latency"]["constant"]
@@ -134,6 +139,9 @@ class PruneRun:
         table = open_lut(cfg.lut, self.settings)
         lm, dense = calibrated_model(self.space, table, self.settings, cfg.mode, True, self.progress)
         target = parse_budget(cfg.budget, dense["ms"])
+        if target >= dense["ms"]:
+            raise ValueError(f"the budget {cfg.budget} ({target:.3f} ms) is at or above the dense model's measured "
+                             f"latency, {dense['ms']:.3f} ms: nothing would be pruned. Ask for less, e.g. --budget 50%")
         self.log(f"dense latency {dense['ms']:.3f} ms (noise {100 * dense['noise']:.1f}%); target {target:.3f} ms")
         floor = smallest_latency(self.space, lm.frozen_at(self.space.dense_sizes()) if cfg.mode == "linear" else lm,
                                  **self._problem_options())
@@ -325,7 +333,8 @@ class PruneRun:
                     stats = train_epoch(ddp, self.train_loader, opt, sch, cfg.train, self.d.device, progress=bar)
             except NaNLoss as e:
                 raise NaNLoss(f"{e} (fine-tuning epoch {epoch}); the last good checkpoint is kept in "
-                              f"{self.dir.checkpoint}") from e
+                              f"{self.dir.checkpoint}: continue from it with the same command and --resume, with "
+                              "a lower --lr for instance (training settings may change on resume)") from e
             acc = evaluate(model, self.val_loader, self.d.device) if self.d.main else {"accuracy": float("nan")}
             curve.append({"epoch": epoch, "loss": stats["loss"], "accuracy": acc["accuracy"]})
             self.log(f"fine-tune epoch {epoch}: loss {stats['loss']:.4f}, accuracy {100 * acc['accuracy']:.2f}%")

@@ -25,29 +25,42 @@ class RunDir:
     def __init__(self, path: str | Path, writer: bool = True):
         self.path = Path(path)
         self.writer = writer
+        self._config: dict[str, Any] = {}
+        self.changed: list[str] = []  # config keys a resumed run changed (written with the next checkpoint)
 
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
 
+    # settings a resumed run may change (a NaN stop is continued with a lower learning rate, say)
+    RESUMABLE_CHANGES = frozenset({"train"})
+
     def open(self, config: dict[str, Any], resume: bool) -> bool:
-        """Create the directory for ``config``, or check it holds the same run. Returns True if resuming."""
+        """Check that the directory is free for ``config`` or holds the same run. Returns True if resuming.
+
+        Nothing is written here: ``config.json`` is written with the first checkpoint (see
+        :meth:`save_checkpoint`), so a start that fails early (a bad budget, a table error) never blocks the
+        corrected command. A resumed run may change the training settings (``train``); the change is logged.
+        """
+        self._config = json.loads(json.dumps(config))
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
-            if old != json.loads(json.dumps(config)):
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config)).get(k))
-                raise RunDirError(f"{self.path} holds a different run (config differs in {diff}); choose another "
-                                  "--run-dir")
+            diff = sorted(k for k in set(old) | set(self._config) if old.get(k) != self._config.get(k))
+            if diff and not (resume and self.checkpoint.exists() and set(diff) <= self.RESUMABLE_CHANGES):
+                hint = " (only the training settings may change on --resume)" if resume else ""
+                raise RunDirError(f"{self.path} holds a different run (config differs in {diff}){hint}; choose "
+                                  "another --run-dir")
             if self.checkpoint.exists() and not resume:
                 raise RunDirError(f"{self.path} holds an unfinished or finished run of this config; pass --resume "
                                   "to continue it, or choose another --run-dir")
+            self.changed = diff
             return self.checkpoint.exists()
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(p.name != "log.txt" for p in self.path.iterdir()):
             raise RunDirError(f"{self.path} exists and is not an mdprune run directory; choose another --run-dir")
         if self.writer:
             self.path.mkdir(parents=True, exist_ok=True)
-            cfg_file.write_text(json.dumps(config, indent=1, sort_keys=True))
+        self.changed = []
         return False
 
     def log(self, msg: str) -> None:
@@ -61,6 +74,10 @@ class RunDir:
         if not self.writer:
             return
         state = {**state, "rng": rng_state()}
+        cfg_file = self.path / "config.json"
+        if self.changed or not cfg_file.exists():  # the run has started (or resumed with new training settings)
+            cfg_file.write_text(json.dumps(self._config, indent=1, sort_keys=True))
+            self.changed = []
         tmp = self.checkpoint.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint)
