@@ -102,3 +102,37 @@ def test_checkpoint_mismatches_name_the_tensor_both_shapes_and_the_fix(tmp_path)
     torch.save(model, tmp_path / "module.pt")  # a pickled module: refused, never unpickled
     with pytest.raises(ModelError, match="never unpickles"):
         load_checkpoint(model, str(tmp_path / "module.pt"))
+
+
+def _images(root: Path, classes: tuple[str, ...], n: int = 4, size: int = 12) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for k, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (size, size), (40 * k, 3 * i, 100)).save(root / split / c / f"{i}.png")
+
+
+def test_image_data_problems_are_named_before_training(tmp_path):
+    from mdprune.train.data import DataError
+
+    _images(tmp_path / "one", ("cat",))
+    with pytest.raises(DataError, match="has 1 class"):
+        PruneRun(config(tmp_path, data=str(tmp_path / "one"), model="tests.models:tiny_cnn", model_kwargs={}),
+                 tmp_path / "r1").run()
+    _images(tmp_path / "bad", ("cat", "dog"))
+    (tmp_path / "bad" / "train" / "dog" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"not readable images, first .*broken\.png"):
+        PruneRun(config(tmp_path, data=str(tmp_path / "bad"), model="tests.models:tiny_cnn", model_kwargs={}),
+                 tmp_path / "r2").run()
+    assert not (tmp_path / "lut").exists()
+
+
+def test_image_folder_data_takes_the_models_input_size(tmp_path):
+    _images(tmp_path / "img", ("cat", "dog"), size=20)
+    cfg = config(tmp_path, data=str(tmp_path / "img"), model="small_vit", model_kwargs={"img_size": 16, "depth": 1},
+                 train_limit=None, val_limit=None, budget="90%")
+    run = PruneRun(cfg, tmp_path / "run")
+    run.setup()
+    assert run.train_ds[0][0].shape == (3, 16, 16) and run.space.input_shapes[0][1:] == (3, 16, 16)

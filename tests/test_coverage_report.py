@@ -42,3 +42,12 @@ def test_inspect_and_report_state_the_coverage(capsys, tmp_path):
     files = write_report({"model": "tiny", "coverage": space.coverage()}, tmp_path)
     text = files["markdown"].read_text()
     assert "## Coverage" in text and "| right |" in text and "ignored layer right" in text
+
+
+def test_report_compares_fractions_of_the_dense_latency_measured_in_the_same_run(tmp_path):
+    result = {"model": "m", "budget": "50%", "target_ms": 2.1, "dense_ms_calibration": 4.2, "measured_ms": 2.3,
+              "measured_dense_ms": 4.6, "measured_noise": 0.02}
+    text = write_report(result, tmp_path)["markdown"].read_text()
+    # 2.3 ms is 9.5% over 2.1 ms in absolute terms, but 50.0% of the dense model measured beside it
+    assert "50.0% of the dense latency beside it; target 50.0%" in text
+    assert "fraction of the dense latency measured in the same run" in text and "vs target" not in text

@@ -49,6 +49,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", trust_code:
     ``package.module:function`` builder needs ``trust_code=True``, since rebuilding it runs that code.
     """
     ckpt = read_tensors_file(path, map_location, what="an mdprune model file")
+    if isinstance(ckpt, dict) and "phase" in ckpt and "rng" in ckpt:
+        raise ValueError(f"{path} is a run's checkpoint, not a model file: load the run's model.pt (written when "
+                         "the run finishes), or continue the run with `mdprune prune ... --resume`")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not an mdprune model file ({FORMAT}); save models with mdprune.save")
     info = ckpt["info"]

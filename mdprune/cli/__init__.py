@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..latency import FingerprintMismatch, IncompleteTable
-from ..models import ModelError
-from ..solve import InfeasibleBudget
-from ..space import AnalysisError
-from ..train.data import DataError
-from ..train.loop import NaNLoss
-from ..train.rundir import RunDirError
 from . import demo, inspect, lut, prune, tools
+
+# Start-up stays fast (`mdprune --help` well under 2 s): the command modules import torch, timm and the pipeline
+# inside the functions that run a command, never at module level.
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -33,6 +30,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if os.getcwd() not in sys.path:  # `pkg.mod:fn` models in the current directory, as `python -m` finds them
+        sys.path.insert(0, os.getcwd())
+    from ..latency import FingerprintMismatch, IncompleteTable
+    from ..models import ModelError
+    from ..solve import InfeasibleBudget
+    from ..space import AnalysisError
+    from ..train.data import DataError
+    from ..train.loop import NaNLoss
+    from ..train.rundir import RunDirError
+
     try:
         return args.func(args)
     except (AnalysisError, ModelError, FingerprintMismatch, IncompleteTable, InfeasibleBudget, DataError,

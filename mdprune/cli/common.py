@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ..models import create_model, default_input_size, load_checkpoint
-from ..space import PruningSpace, analyze
+    from ..space import PruningSpace
 
 
 def parse_kv(text: str) -> tuple[str, Any]:
@@ -38,6 +38,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_model_and_space(args: argparse.Namespace) -> tuple[torch.nn.Module, PruningSpace]:
+    import torch
+
+    from ..models import create_model, default_input_size, load_checkpoint
+    from ..space import analyze
+
     kwargs = dict(args.model_arg)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes

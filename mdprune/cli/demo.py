@@ -12,14 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from ..models import create_model
-from ..train.data import builtin, loader
-from ..train.loop import TrainConfig, evaluate, make_optimizer, make_scheduler, train_epoch
-from ..train.run import PruneRun, RunConfig
-from ..train.schedule import PruneSchedule
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train, prune to 50%% latency, fine-tune and report on the built-in data",
@@ -42,6 +34,12 @@ def _cache_dir(arg: str | None) -> Path:
 
 def train_dense(path: Path, train_limit: int, epochs: int, seed: int) -> None:
     """Train the demo's dense model and save its state_dict."""
+    import torch
+
+    from ..models import create_model
+    from ..train.data import builtin, loader
+    from ..train.loop import TrainConfig, evaluate, make_optimizer, make_scheduler, train_epoch
+
     torch.manual_seed(seed)
     train_ds, spec = builtin(True, train_limit, seed)
     val_ds, _ = builtin(False, 2000, seed)
@@ -61,6 +59,11 @@ def train_dense(path: Path, train_limit: int, epochs: int, seed: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train.data import builtin
+    from ..train.loop import TrainConfig
+    from ..train.run import PruneRun, RunConfig
+    from ..train.schedule import PruneSchedule
+
     t0 = time.monotonic()
     _, spec = builtin(True, 10)
     ckpt = _cache_dir(args.cache) / f"small_resnet18-{spec.name}-{args.train_limit}-{args.dense_epochs}.pt"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..space import PruningSpace
 from .common import add_model_args, build_model_and_space, human
+
+if TYPE_CHECKING:
+    from ..space import PruningSpace
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -6,19 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..latency import (
-    LatencySettings,
-    LatencyTable,
-    TimingSettings,
-    build,
-    default_cache_dir,
-    latency_model,
-    open_table,
-    random_plans,
-    validate,
-)
 from .common import add_model_args, build_model_and_space, human
+
+if TYPE_CHECKING:
+    from ..latency import LatencySettings
 
 
 def add_latency_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +21,8 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--backend", default="eager", choices=["eager", "onnxruntime", "flops"],
                    help="runtime measured in; flops: deterministic counts instead of timing (dry runs, tests)")
-    g.add_argument("--cache", default=None, metavar="DIR", help=f"table cache (default {default_cache_dir()})")
+    g.add_argument("--cache", default=None, metavar="DIR",
+                   help="table cache (default $MDPRUNE_CACHE/lut, else ~/.cache/mdprune/lut)")
     g.add_argument("--grid-points", type=int, default=16, help="grid widths per role, 2-role ops (default 16)")
     g.add_argument("--grid-points-3d", type=int, default=5, help="grid widths per role, attention (default 5)")
     g.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
@@ -36,6 +30,8 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> LatencySettings:
+    from ..latency import LatencySettings, TimingSettings
+
     if args.dtype != "float32" and not args.device.startswith("cuda"):
         raise ValueError("float16/bfloat16 latency tables are for cuda devices")
     return LatencySettings(device=args.device, batch=args.batch, threads=args.threads, dtype=args.dtype,
@@ -73,6 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from ..latency import build, latency_model, open_table
+
     _, space = build_model_and_space(args)
     settings = settings_from(args)
     table = open_table(settings, args.cache)
@@ -92,6 +90,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from ..latency import LatencyTable, default_cache_dir
+
     if args.path:
         t = LatencyTable.load(args.path)
         print(json.dumps(t.fingerprint, indent=1))
@@ -118,6 +118,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from ..latency import build, open_table, random_plans, validate
+
     _, space = build_model_and_space(args)
     settings = settings_from(args)
     table = open_table(settings, args.cache)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..train.loop import TrainConfig
-from ..train.run import PruneRun, RunConfig
-from ..train.schedule import PruneSchedule
 from .common import parse_kv
+
+if TYPE_CHECKING:
+    from ..train.loop import TrainConfig
+    from ..train.run import RunConfig
 
 
 def add_train_args(p: argparse.ArgumentParser, epochs: int) -> None:
@@ -26,6 +28,8 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int) -> None:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
+    from ..train.loop import TrainConfig
+
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                        label_smoothing=args.label_smoothing, amp=args.amp, max_iterations=args.max_iterations,
@@ -94,6 +98,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
+    from ..train.run import RunConfig
+    from ..train.schedule import PruneSchedule
+
     latency = {"batch": args.latency_batch, "threads": args.threads, "backend": args.backend,
                "dtype": args.latency_dtype,
                "grid_points": args.grid_points,
@@ -115,6 +122,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train.run import PruneRun
+
     cfg = run_config(args)
     run_dir = Path(args.run_dir or f"runs/{args.model.replace(':', '_')}-{args.budget.replace('%', 'pct')}")
     result = PruneRun(cfg, run_dir, resume=args.resume, progress=sys.stderr.isatty()).run()

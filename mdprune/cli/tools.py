@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..apply.io import export_onnx, load, model_info, save
-from ..latency import LatencySettings, measure_models
-from ..train.bn import recalibrate_bn
-from ..train.data import builtin, image_folder, loader
-from ..train.loop import evaluate, make_optimizer, make_scheduler, train_epoch
 from .prune import add_data_args, add_train_args, train_config
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_trust_arg(p: argparse.ArgumentParser) -> None:
@@ -60,6 +57,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _input_shape(model: torch.nn.Module, batch: int) -> tuple[int, ...]:
+    from ..apply.io import model_info
+
     info = model_info(model)
     if info is None:
         raise ValueError("not an mdprune model file")
@@ -67,6 +66,8 @@ def _input_shape(model: torch.nn.Module, batch: int) -> tuple[int, ...]:
 
 
 def _datasets(args: argparse.Namespace, model: torch.nn.Module):
+    from ..train.data import builtin, image_folder
+
     if args.data == "builtin":
         return builtin(True, args.train_limit)[0], builtin(False, args.val_limit)[0]
     size = args.input_size or _input_shape(model, 1)[-1]
@@ -74,6 +75,13 @@ def _datasets(args: argparse.Namespace, model: torch.nn.Module):
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..apply.io import load, save
+    from ..train.bn import recalibrate_bn
+    from ..train.data import loader
+    from ..train.loop import evaluate, make_optimizer, make_scheduler, train_epoch
+
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model = load(args.model_file, trust_code=args.trust_code).to(device)
@@ -95,6 +103,13 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..apply.io import load
+    from ..latency import LatencySettings, measure_models
+    from ..train.data import loader
+    from ..train.loop import evaluate
+
     device = torch.device(args.device)
     model = load(args.model_file, trust_code=args.trust_code).to(device)
     _, val_ds = _datasets(args, model)
@@ -113,6 +128,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..apply.io import export_onnx, load
+
     model = load(args.model_file, trust_code=args.trust_code)
     x = torch.randn(_input_shape(model, args.batch))
     path = export_onnx(model, x, args.out, dynamic_batch=not args.static_batch)

@@ -74,7 +74,14 @@ def _summary(result: dict[str, Any]) -> list[str]:
     measured_text = format_ms(measured)
     if measured is not None:
         measured_text += f" ± {100 * noise:.1f}%" if noise is not None else ""
-        measured_text += f" ({100 * (measured / target - 1):+.1f}% vs target)" if target else ""
+    dense_at_start_ms = number(result.get("dense_ms_calibration"))
+    fractions = []
+    if measured is not None and measured_dense and target and dense_at_start_ms:
+        got, goal = measured / measured_dense, target / dense_at_start_ms
+        measured_text += f" ({100 * got:.1f}% of the dense latency beside it; target {100 * goal:.1f}%)"
+        fractions = [f"The budget is held as a fraction of the dense latency measured in the same run, not in "
+                     f"absolute milliseconds (those drift between runs on a busy machine): the pruned model measured "
+                     f"{100 * got:.1f}% of the dense model timed beside it, for a target of {100 * goal:.1f}%.", ""]
     accuracy = (f"{format_percent(result.get('dense_accuracy'))} -> {format_percent(result.get('pruned_accuracy'))}"
                 f" (after slimming) -> {format_percent(result.get('accuracy'))} (final)")
     dense_at_start = format_ms(result.get("dense_ms_calibration"))
@@ -87,7 +94,7 @@ def _summary(result: dict[str, Any]) -> list[str]:
             ["Accuracy: dense -> after slimming -> final", accuracy],
             ["Parameters: dense -> pruned", _dense_to_pruned(result.get("params"))],
             ["MACs: dense -> pruned", _dense_to_pruned(result.get("macs"))]]
-    return ["## Summary", ""] + _table(["Figure", "Value"], rows)
+    return ["## Summary", ""] + _table(["Figure", "Value"], rows) + fractions
 
 
 def _solver_steps(history: list[dict[str, Any]]) -> list[str]:

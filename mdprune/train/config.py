@@ -11,7 +11,7 @@ from torch import nn
 
 from ..latency import LatencySettings, TimingSettings
 from ..models import create_model, default_input_size
-from .data import DataSpec, builtin, image_folder
+from .data import DataSpec, builtin, fashion_mnist_dir, image_folder, image_folder_classes
 from .loop import TrainConfig
 from .schedule import PruneSchedule
 
@@ -76,6 +76,13 @@ def run_data(cfg: RunConfig, model: nn.Module | None, train: bool) -> tuple[Any,
         ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(
             cfg.seed))[:limit].tolist())
     return ds, spec
+
+
+def data_spec(cfg: RunConfig) -> DataSpec:
+    """What the run's data looks like (classes, channels), without loading it: to build the model first."""
+    if cfg.data == "builtin":
+        return DataSpec("fashion-mnist" if fashion_mnist_dir() else "digits", 10, 1, 28)
+    return DataSpec(cfg.data, image_folder_classes(cfg.data), 3, cfg.input_size or 0)
 
 
 def run_model(name: str, kwargs: dict[str, Any], spec: DataSpec) -> nn.Module:

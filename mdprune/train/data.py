@@ -119,10 +119,52 @@ def image_folder(root: str | Path, split: str, size: int, train: bool) -> tuple[
         tf = transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
                                  transforms.ToTensor(), norm])
     try:
-        ds = datasets.ImageFolder(str(path), transform=tf)
+        ds = datasets.ImageFolder(str(path), transform=tf, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"data folder {path}: {e}") from e
+    if len(ds.classes) < 2:
+        raise DataError(f"data folder {path} has {len(ds.classes)} class: pruning needs a loss over at least two "
+                        "classes (one class gives zero gradients, so every element would score zero)")
+    if len(ds.samples) <= HEADER_CHECK_LIMIT:
+        unreadable = [p for p, _ in ds.samples if not _readable_header(p)]
+        if unreadable:
+            raise DataError(f"{len(unreadable)} file(s) in {path} are not readable images, first {unreadable[0]}: "
+                            "remove or replace them")
     return ds, DataSpec(str(root), len(ds.classes), 3, size)
+
+
+HEADER_CHECK_LIMIT = 50_000  # image headers checked up front below this many files; above, on first read
+
+
+def read_image(path: str):  # noqa: ANN201 - a PIL image
+    """Open an image as RGB; a file PIL cannot decode is a :class:`DataError` that names it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({e}): remove or replace it") from e
+
+
+def _readable_header(path: str) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - parsing the header is the check
+        return True
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def image_folder_classes(root: str | Path, split: str = "train") -> int:
+    """How many classes an ImageFolder split has (its sub-folders), without reading any image."""
+    path = Path(root) / split
+    if not path.is_dir():
+        raise DataError(f"data folder {path} does not exist (expected {root}/train and {root}/val, "
+                        "one sub-folder per class)")
+    return sum(1 for c in path.iterdir() if c.is_dir())
 
 
 def loader(ds: Dataset, batch_size: int, train: bool, workers: int = 0, seed: int = 0,

@@ -32,7 +32,7 @@ from ..solve.from_space import smallest_latency, solve_plan
 from ..space import PruningSpace, analyze
 from . import distributed as dist
 from .bn import recalibrate_bn
-from .config import RunConfig, latency_settings, run_data, run_model
+from .config import RunConfig, data_spec, latency_settings, run_data, run_model
 from .data import loader
 from .loop import NaNLoss, TrainConfig, evaluate, make_optimizer, make_scheduler, train_epoch
 from .masking import Masker
@@ -82,10 +82,11 @@ class PruneRun:
         if error is not None:
             raise error
         kwargs = dict(cfg.model_kwargs)
-        self.train_ds, spec = run_data(cfg, None, True)
-        self.val_ds, _ = run_data(cfg, None, False)
+        spec = data_spec(cfg)
         kwargs.setdefault("num_classes", spec.num_classes)
-        self.model = run_model(cfg.model, kwargs, spec)
+        self.model = run_model(cfg.model, kwargs, spec)  # first: ImageFolder images take the model's size
+        self.train_ds, _ = run_data(cfg, self.model, True)
+        self.val_ds, _ = run_data(cfg, self.model, False)
         if cfg.checkpoint:
             load_checkpoint(self.model, cfg.checkpoint)
         self.model.to(self.d.device)
