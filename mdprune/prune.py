@@ -90,7 +90,8 @@ def _read_budget(budget: str | float, unit: str) -> tuple[float, bool]:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"budget {budget!r} must be positive: use '50%' or a number of {unit}")
     if percent and value >= 100:
-        raise ValueError(f"budget {budget!r} of the dense model's {unit} prunes nothing: ask for less than 100%")
+        raise ValueError(f"budget {budget!r} is at or above the dense model: nothing would be pruned; ask for less "
+                         "than 100%")
     return value, percent
 
 

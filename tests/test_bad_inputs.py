@@ -18,8 +18,8 @@ from .test_train import config
 
 
 @pytest.mark.parametrize("budget, message", [("abc", "cannot read budget"), ("0%", "must be positive"),
-                                             ("-5", "cannot read budget"), ("100%", "prunes nothing"),
-                                             ("150%", "prunes nothing"), ("nan", "cannot read budget")])
+                                             ("-5", "cannot read budget"), ("100%", "nothing would be pruned"),
+                                             ("150%", "nothing would be pruned"), ("nan", "cannot read budget")])
 def test_a_bad_budget_is_refused_before_anything_is_measured(budget, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         PruneRun(config(tmp_path, budget=budget), tmp_path / "run").run()
