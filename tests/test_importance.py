@@ -97,7 +97,8 @@ def test_estimate_restores_model_state_and_normalises():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training and all(p.grad is None for p in model.parameters())
     allv = np.concatenate([scores[d.name] for d in space.prunable_dims()])
-    assert allv.mean() == pytest.approx(1.0) and set(scores) == {d.name for d in space.prunable_dims()}
+    assert allv.mean() == pytest.approx(1.0)
+    assert set(scores) == {d.name for d in space.prunable_dims()} | {f"block:{b}" for b in space.blocks}
 
 
 def test_kept_value_is_cumulative_top_scores():

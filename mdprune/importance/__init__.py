@@ -1,7 +1,17 @@
-"""Importance: how much each element of each dimension matters, estimated from training data."""
+"""Importance: how much each element of each dimension, and each removable block, matters, estimated from data."""
 
-from .accumulate import DEFAULT_CRITERION, ImportanceAccumulator, estimate, kept_value, normalize_scores
+from .accumulate import (
+    BLOCK_PREFIX,
+    DEFAULT_CRITERION,
+    ImportanceAccumulator,
+    block_key,
+    block_kind,
+    estimate,
+    kept_value,
+    normalize_scores,
+)
+from .blocks import BlockProbe, block_probes
 from .probes import Probe, probes
 
-__all__ = ["DEFAULT_CRITERION", "ImportanceAccumulator", "Probe", "estimate", "kept_value", "normalize_scores",
-           "probes"]
+__all__ = ["BLOCK_PREFIX", "DEFAULT_CRITERION", "BlockProbe", "ImportanceAccumulator", "Probe", "block_key",
+           "block_kind", "block_probes", "estimate", "kept_value", "normalize_scores", "probes"]

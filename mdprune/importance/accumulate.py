@@ -11,6 +11,14 @@ Normalisation makes kinds comparable: with ``normalize="criterion"`` (default) t
 scored by one criterion are divided by their mean over all elements, so a model mixing the two criteria weighs
 each on the same scale; within a criterion, raw loss-change estimates are kept, so kinds compare by their
 estimated effect on the loss. ``normalize="kind"`` divides each kind by its own mean; ``"none"`` keeps raw values.
+
+Removable blocks are scored too, under ``block_key(name)`` (one value each): a gate on the branch output
+(:mod:`.blocks`), i.e. a gate shared by every channel the branch adds into the residual stream. So a block takes
+the criterion and the normalisation of the kind of that stream (:func:`block_kind`: ``taylor`` for CNN channels,
+``fisher`` for a transformer's embedding), divided by the same mean as the dimensions of its group (the mean is
+taken over dimension elements only): a block's score and an element's score are the same loss-change estimate
+on the same scale. The solver adds a block's score to the value of the dimensions inside it (see
+:func:`mdprune.solve.from_space.build_problem`).
 """
 
 from __future__ import annotations
@@ -25,17 +33,42 @@ from torch import nn
 
 from ..progress import progress_bar
 from ..space import PruningSpace
+from .blocks import BlockProbe, GateHooks, block_probes
 from .probes import Probe, probes
 
+BLOCK_PREFIX = "block:"
 DEFAULT_CRITERION = {"channel": "taylor", "linear": "taylor", "input": "taylor", "embed": "fisher",
                      "heads": "fisher", "qk": "fisher", "v": "fisher", "mlp": "fisher"}
 
 
+def block_key(block: str) -> str:
+    """The key of a block's score in a scores mapping (beside the dimensions' names)."""
+    return BLOCK_PREFIX + block
+
+
+def block_kind(space: PruningSpace, block: str) -> str:
+    """The kind of the dimension a block's branch adds into (its residual stream): ``channel`` if unknown."""
+    add = space.blocks[block].add_node
+    for op in space.ops:
+        if op.kind == "node" and op.name == add:
+            dims = [d for s in op.roles["width"] for d in s.dims]
+            if dims:
+                return space.dims[dims[0]].kind
+    return "channel"
+
+
 class ImportanceAccumulator:
-    """Call :meth:`step` after each ``loss.backward()``; :meth:`scores` gives per-element importance."""
+    """Call :meth:`step` after each ``loss.backward()``; :meth:`scores` gives per-element importance, and one
+    value per removable block (under :func:`block_key`).
+
+    ``blocks``: the blocks to score (default: every removable block). Blocks whose gate gradient cannot be read
+    from ``model`` (see :mod:`.blocks`) raise ValueError: run on the masked model (``mdprune.masked``), which
+    gates every branch; :func:`estimate` does so by itself. ``block_params=False`` reads every block through a
+    gate even where the parameter form applies. Call :meth:`close` to remove the gate hooks.
+    """
 
     def __init__(self, space: PruningSpace, model: nn.Module, criterion: dict[str, str] | None = None,
-                 dims: list[str] | None = None):
+                 dims: list[str] | None = None, blocks: list[str] | None = None, block_params: bool = True):
         self.space = space
         self.criterion = {**DEFAULT_CRITERION, **(criterion or {})}
         self.probes = probes(space, dims)
@@ -47,6 +80,18 @@ class ImportanceAccumulator:
         self.params = {p.tensor: named[p.tensor] for p in self.probes}
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self.sums = {n: torch.zeros(space.dims[n].size, dtype=torch.float64, device=device) for n in names}
+        found = block_probes(space, model, blocks, block_params)
+        missing = sorted(b for b, p in found.items() if p is None)
+        if missing:
+            raise ValueError(f"cannot read the gate gradient of blocks {missing[:3]} on this model: pass the masked "
+                             "model (mdprune.masked(space, plan)), whose branches carry gates")
+        self.block_probes: list[BlockProbe] = [p for p in found.values() if p is not None]
+        self.block_kinds = {p.block: block_kind(space, p.block) for p in self.block_probes}
+        for p in self.block_probes:
+            self.sums[block_key(p.block)] = torch.zeros(1, dtype=torch.float64, device=device)
+            if p.how == "params":
+                self.params.update({k: named[k] for k in p.names})
+        self.hooks = GateHooks(model, self.block_probes)
         self.batches = 0
 
     @torch.no_grad()
@@ -66,9 +111,27 @@ class ImportanceAccumulator:
             grads[p.dim] = grads[p.dim] + _per_element(vec, p, self.space)
         for name, g in grads.items():
             if isinstance(g, torch.Tensor):
-                crit = self.criterion[self.space.dims[name].kind]
-                self.sums[name] += g.abs() if crit == "taylor" else 0.5 * g * g
+                self._add(name, g, self.space.dims[name].kind)
+        for p in self.block_probes:
+            g = self._block_gradient(p)
+            if g is not None:
+                self._add(block_key(p.block), g.double().reshape(1), self.block_kinds[p.block])
         self.batches += 1
+
+    def _add(self, key: str, g: torch.Tensor, kind: str) -> None:
+        crit = self.criterion[kind]
+        self.sums[key] += g.abs() if crit == "taylor" else 0.5 * g * g
+
+    def _block_gradient(self, p: BlockProbe) -> torch.Tensor | None:
+        """``dL/dg`` of the gate on block ``p.block``'s branch output, for the backward passes since the last step."""
+        if p.how != "params":
+            return self.hooks.take(p.block)
+        terms = [(t.detach() * t.grad).sum() for t in (self.params[k] for k in p.names) if t.grad is not None]
+        return torch.stack([x.double() for x in terms]).sum() if terms else None
+
+    def close(self) -> None:
+        """Remove the gate hooks from the model (scores stay readable)."""
+        self.hooks.close()
 
     def state(self) -> dict[str, torch.Tensor]:
         """The running sums (to all-reduce across processes, or to checkpoint)."""
@@ -100,22 +163,28 @@ def _per_element(vec: torch.Tensor, p: Probe, space: PruningSpace) -> torch.Tens
 
 def normalize_scores(space: PruningSpace, raw: dict[str, np.ndarray], how: str,
                      criterion: dict[str, str] | None = None) -> dict[str, np.ndarray]:
-    """Scale scores so kinds compare: by criterion group (default), by kind, or not at all."""
+    """Scale scores so kinds compare: by criterion group (default), by kind, or not at all.
+
+    Block scores (keys of :func:`block_key`) are divided by the mean of their kind's group over dimension
+    elements; by the mean of the group's blocks where the group has no prunable dimension.
+    """
     if how == "none":
         return raw
-    criterion = {**DEFAULT_CRITERION, **(criterion or {})}
-    if how == "criterion":
-        group = {n: criterion[space.dims[n].kind] for n in raw}
-    elif how == "kind":
-        group = {n: space.dims[n].kind for n in raw}
-    else:
+    if how not in ("criterion", "kind"):
         raise ValueError("normalize is 'criterion', 'kind' or 'none'")
+    criterion = {**DEFAULT_CRITERION, **(criterion or {})}
+    kind = {n: block_kind(space, n[len(BLOCK_PREFIX):]) if n.startswith(BLOCK_PREFIX) else space.dims[n].kind
+            for n in raw}
+    group = {n: criterion[k] if how == "criterion" else k for n, k in kind.items()}
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    block_totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for n, s in raw.items():
-        totals[group[n]][0] += float(s.sum())
-        totals[group[n]][1] += s.size
-    mean = {g: (t / c if t > 0 else 1.0) for g, (t, c) in totals.items()}
-    return {n: s / mean[group[n]] for n, s in raw.items()}
+        t = block_totals if n.startswith(BLOCK_PREFIX) else totals
+        t[group[n]][0] += float(s.sum())
+        t[group[n]][1] += s.size
+    mean = {g: t / c for g, (t, c) in block_totals.items() if t > 0}
+    mean |= {g: t / c for g, (t, c) in totals.items() if t > 0}
+    return {n: s / mean.get(group[n], 1.0) for n, s in raw.items()}
 
 
 def estimate(space: PruningSpace, model: nn.Module, batches: Iterable[Any],
@@ -129,6 +198,13 @@ def estimate(space: PruningSpace, model: nn.Module, batches: Iterable[Any],
     """
     loss_fn = loss_fn or nn.functional.cross_entropy
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if any(p is None for p in block_probes(space, model).values()):  # a branch only a gate can read
+        from ..apply import prepare_masked
+        from ..apply.mask import GATES
+
+        dtype = next(model.parameters()).dtype
+        model = prepare_masked(space, model).to(device)
+        model.get_submodule(GATES).to(dtype)  # dL/dg in the model's precision
     acc = ImportanceAccumulator(space, model, criterion)
     buffers = {k: v.clone() for k, v in model.state_dict().items() if not isinstance(v, nn.Parameter)}
     was_training = model.training
@@ -147,6 +223,7 @@ def estimate(space: PruningSpace, model: nn.Module, batches: Iterable[Any],
                 seen += 1
                 advance(1)
     finally:
+        acc.close()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
         model.load_state_dict(buffers, strict=False)

@@ -8,6 +8,17 @@ prediction equals the dense model's measured latency.
 ``mode="linear"`` is HALP's model, kept as a baseline: every op's input width frozen at its current value (the
 dense one, or those of :meth:`LatencyModel.frozen_at` while pruning iteratively), so an op's latency depends
 only on its own output-side dimensions.
+
+Ops driven by more dimensions than one solver term takes (``MAX_TERM_DIMS``; a convolution reading the
+concatenation of many channel groups, as in DenseNet and Inception, or a norm or pool over it) are *split*: the
+role whose width is the sum of the most dimensions (``W = sum_s w_s`` over its segments) is linearised,
+``T(W, r) = a(r) + b(r) * (W - W_min)``, with ``a`` and ``b >= 0`` fitted by least squares over the measured grid
+of ``W`` (real total widths, from ``W_min`` to ``W_max``) at each grid point of the other roles ``r`` (the output
+width). The latency is then a sum of small terms: ``a`` over the other roles' dimensions, and per segment
+``b(r) * (w_s - w_s,min)`` over that segment's dimensions and the other roles' ones. Prediction and the solver
+use this same form, so they agree exactly; its error against the table is the curvature of ``T`` in ``W``
+(blocking steps of the kernels) that a line through the grid cannot follow, reported per op as the largest
+relative residual on the grid (:meth:`LatencyModel.split_errors`).
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +36,7 @@ from .ops import ROLES
 from .table import LatencyTable, signature
 
 MAX_COMBINATIONS = 200_000
+MAX_TERM_DIMS = 3  # the most dimensions one solver cost term may depend on
 
 
 class IncompleteTable(RuntimeError):
@@ -39,22 +52,44 @@ class OpGrid:
     roles: tuple[str, ...]
     axes: list[np.ndarray]  # per role, sorted grid widths
     frozen: dict[str, int]  # roles held at their dense width (linear mode)
+    split: str | None = None  # the role linearised in its total width (see the module docstring)
+    tied: tuple[str, ...] = ()  # roles whose width always equals the split role's (a depthwise conv's in and out)
 
     def points(self) -> list[tuple[int, ...]]:
         return list(itertools.product(*[[int(w) for w in a] for a in self.axes]))
 
 
 def role_widths(space: PruningSpace, segs: tuple[Seg, ...]) -> list[int]:
-    """Every width a role made of ``segs`` can take, over the allowed widths of its dimensions."""
-    dims = sorted({d for s in segs for d in s.dims})
-    choices = [space.dims[d].widths() for d in dims]
-    if math.prod(len(c) for c in choices) > MAX_COMBINATIONS:
-        raise ValueError(f"too many width combinations for dims {dims}")
-    out = set()
-    for combo in itertools.product(*choices):
-        sizes = dict(zip(dims, combo, strict=True))
-        out.add(sum(math.prod(sizes[d] for d in s.dims) * s.inner for s in segs))
-    return sorted(out)
+    """Every width a role made of ``segs`` can take, over the allowed widths of its dimensions.
+
+    Segments that share no dimension vary independently: their reachable widths are added as sets (no
+    cartesian product over all dimensions, which a concatenation of many channel groups would make huge).
+    """
+    totals = {0}
+    for group in _components(segs):
+        dims = sorted({d for s in group for d in s.dims})
+        choices = [space.dims[d].widths() for d in dims]
+        if math.prod(len(c) for c in choices) > MAX_COMBINATIONS:
+            raise ValueError(f"too many width combinations for dims {dims}")
+        part = set()
+        for combo in itertools.product(*choices):
+            sizes = dict(zip(dims, combo, strict=True))
+            part.add(sum(math.prod(sizes[d] for d in s.dims) * s.inner for s in group))
+        totals = {t + p for t in totals for p in part}
+    return sorted(totals)
+
+
+def _components(segs: tuple[Seg, ...]) -> list[list[Seg]]:
+    """Segments grouped so that no dimension appears in two groups."""
+    groups: list[tuple[set[str], list[Seg]]] = []
+    for s in segs:
+        dims, members = set(s.dims), [s]
+        for g in [g for g in groups if g[0] & dims]:
+            groups.remove(g)
+            dims |= g[0]
+            members = g[1] + members
+        groups.append((dims, members))
+    return [m for _, m in groups]
 
 
 def pick(widths: list[int], n: int) -> np.ndarray:
@@ -113,6 +148,7 @@ class LatencyModel:
         self.calibrated = False
         self.grids = [self._grid(op, grid_points, grid_points_3d) for op in space.ops]
         self._values: list[np.ndarray] | None = None
+        self._fits: dict[int, _Fit] = {}
 
     def frozen_at(self, sizes: dict[str, int]) -> LatencyModel:
         """The same model with input widths frozen at ``sizes`` (HALP's "current" widths while pruning)."""
@@ -135,7 +171,25 @@ class LatencyModel:
                 axes.append(axes[0])  # in == out
             else:
                 axes.append(pick(role_widths(self.space, op.roles[r]), n))
-        return OpGrid(op, signature(op), roles, axes, frozen)
+        split, tied = self._split_role(op, roles, frozen)
+        return OpGrid(op, signature(op), roles, axes, frozen, split, tied)
+
+    def _live(self, segs: tuple[Seg, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(d for s in segs for d in s.dims if self.space.dims[d].prunable))
+
+    def _split_role(self, op: Op, roles: tuple[str, ...], frozen: dict[str, int]) -> tuple[str | None, tuple[str, ...]]:
+        """The role to linearise when the op depends on more dimensions than one term takes (else None)."""
+        live = {r: self._live(op.roles[r]) for r in roles if r not in frozen}
+        if len({d for ds in live.values() for d in ds}) <= MAX_TERM_DIMS:
+            return None, ()
+        split = max(live, key=lambda r: len(live[r]))
+        tied = tuple(r for r in live if r != split and op.roles[r] == op.roles[split])
+        rest = {d for r in live if r != split and r not in tied for d in live[r]}
+        for seg in op.roles[split]:
+            if len(set(self._live((seg,))) | rest) > MAX_TERM_DIMS:
+                raise ValueError(f"op {op.name}: its {split!r} segment {seg.dims} and its other roles' dimensions "
+                                 f"{sorted(rest)} make more than {MAX_TERM_DIMS} dimensions in one term")
+        return split, tied
 
     # ---- what must be measured ---------------------------------------------------------------------------
     def needed(self) -> list[tuple[Op, tuple[int, ...]]]:
@@ -177,6 +231,10 @@ class LatencyModel:
         """Latency of op ``i`` when every dimension keeps ``sizes[d]`` elements."""
         g = self.grids[i]
         w = g.op.widths(sizes)
+        if g.split is not None:
+            f = self._fit(i)
+            q = [np.asarray(w[r]) for r in f.others]
+            return float(_at(f.axes, f.a, q) + _at(f.axes, f.b, q) * (w[g.split] - f.w_min))
         q = [np.asarray(g.frozen.get(r, w[r])) for r in g.roles]
         if g.op.kind == "conv2d" and g.op.fixed["depthwise"]:
             q[0] = q[1]
@@ -217,31 +275,112 @@ class LatencyModel:
         self.calibrated = True
 
     # ---- for the solver ----------------------------------------------------------------------------------
-    def term(self, i: int) -> tuple[tuple[str, ...], np.ndarray]:
-        """Op ``i``'s latency over every choice of the dimensions that drive it: (dims, table)."""
+    def terms(self, i: int) -> list[tuple[str, tuple[str, ...], np.ndarray]]:
+        """Op ``i``'s latency as solver terms: (label, dims, table over every choice of dims), summed.
+
+        One term for most ops; a split op (see the module docstring) gives its intercept over the other roles'
+        dimensions and one slope term per group of segments of the linearised role.
+        """
         g = self.grids[i]
+        if g.split is None:
+            return [("", *self.term(i))]
+        f = self._fit(i)
+        rest = tuple(dict.fromkeys(d for r in f.others for d in self._live(g.op.roles[r])))
+        env = self._env(rest)
+        q = [np.asarray(_width(g.op.roles[r], env, self.space)) for r in f.others]
+        out = [("", rest, self.scale * np.broadcast_to(_at(f.axes, f.a, q), _shape(env, rest)).astype(np.float64))]
+        slopes: dict[tuple[str, ...], np.ndarray] = {}
+        for seg in g.op.roles[g.split]:
+            own = self._live((seg,))
+            if not own:
+                continue  # a fixed segment: in W_min
+            dims = tuple(dict.fromkeys(own + rest))
+            env = self._env(dims)
+            q = [np.asarray(_width(g.op.roles[r], env, self.space)) for r in f.others]
+            smallest = _width((seg,), {d: self.space.dims[d].widths()[0] for d in own}, self.space)
+            part = _at(f.axes, f.b, q) * (_width((seg,), env, self.space) - smallest)
+            slopes[dims] = slopes.get(dims, 0) + np.broadcast_to(part, _shape(env, dims))
+        return out + [(f"[{','.join(d)}]", d, self.scale * np.asarray(t, dtype=np.float64)) for d, t in slopes.items()]
+
+    def term(self, i: int) -> tuple[tuple[str, ...], np.ndarray]:
+        """Op ``i``'s latency over every choice of the dimensions that drive it: (dims, table).
+
+        For ops that are not split; :meth:`terms` covers every op.
+        """
+        g = self.grids[i]
+        if g.split is not None:
+            raise ValueError(f"op {g.op.name} is split into several terms: use terms()")
         dims = tuple(d for d in g.op.dims() if not self._frozen_dim(g, d) and self.space.dims[d].prunable)
-        widths = [np.asarray(self.space.dims[d].widths()) for d in dims]
-        grids = np.meshgrid(*widths, indexing="ij") if widths else []
-        sizes = self.space.dense_sizes()
-        env = {d: grids[k] for k, d in enumerate(dims)}
-        q = []
-        for r in g.roles:
-            if r in g.frozen:
-                q.append(np.asarray(g.frozen[r]))
-                continue
-            total = 0
-            for s in g.op.roles[r]:
-                prod = s.inner
-                for d in s.dims:
-                    prod = prod * env.get(d, sizes[d])
-                total = total + prod
-            q.append(np.asarray(total))
+        env = self._env(dims)
+        q = [np.asarray(g.frozen[r]) if r in g.frozen else np.asarray(_width(g.op.roles[r], env, self.space))
+             for r in g.roles]
         if g.op.kind == "conv2d" and g.op.fixed["depthwise"]:
             q[0] = q[1]
         return dims, self.scale * np.asarray(interpolate(g.axes, self._grid_values()[i], q))
+
+    def _env(self, dims: tuple[str, ...]) -> dict[str, np.ndarray]:
+        widths = [np.asarray(self.space.dims[d].widths()) for d in dims]
+        return dict(zip(dims, np.meshgrid(*widths, indexing="ij"), strict=True)) if dims else {}
 
     def _frozen_dim(self, g: OpGrid, d: str) -> bool:
         frozen_dims = {x for r in g.frozen for s in g.op.roles[r] for x in s.dims}
         live = {x for r in g.roles if r not in g.frozen for s in g.op.roles[r] for x in s.dims}
         return d in frozen_dims and d not in live
+
+    # ---- split ops ---------------------------------------------------------------------------------------
+    def _fit(self, i: int) -> _Fit:
+        """The line ``a + b * (W - W_min)`` through op ``i``'s table along its split role, per other-role point."""
+        if i in self._fits:
+            return self._fits[i]
+        g = self.grids[i]
+        others = tuple(r for r in g.roles if r != g.split and r not in g.tied and r not in g.frozen)
+        axes = [g.axes[g.roles.index(r)] for r in others]
+        total = g.axes[g.roles.index(g.split)].astype(np.float64)
+        mesh = np.meshgrid(total, *axes, indexing="ij")
+        q = [mesh[0] if r == g.split or r in g.tied else
+             np.asarray(g.frozen[r]) if r in g.frozen else mesh[1 + others.index(r)] for r in g.roles]
+        t = np.broadcast_to(interpolate(g.axes, self._grid_values()[i], q), mesh[0].shape)
+        x = (total - total[0]).reshape((-1,) + (1,) * len(axes))
+        if len(total) > 1:
+            xc = x - x.mean()
+            b = np.maximum((xc * (t - t.mean(axis=0))).sum(axis=0) / (xc * xc).sum(), 0.0)
+        else:
+            b = np.zeros(t.shape[1:])
+        a = np.maximum(t.mean(axis=0) - b * x.mean(), 0.0)
+        err = float(np.max(np.abs(a + b * x - t) / np.maximum(np.abs(t), 1e-12)))
+        self._fits[i] = _Fit(others, axes, a, b, float(total[0]), err)
+        return self._fits[i]
+
+    def split_errors(self) -> dict[str, float]:
+        """Split ops and the largest relative error of their linear form against the table on its grid."""
+        return {g.op.name: self._fit(i).error for i, g in enumerate(self.grids) if g.split is not None}
+
+
+@dataclass
+class _Fit:
+    others: tuple[str, ...]  # the roles the coefficients vary over
+    axes: list[np.ndarray]  # their grid widths
+    a: np.ndarray  # latency at W_min, on the grid of ``axes``
+    b: np.ndarray  # latency per unit of the split role's width (>= 0)
+    w_min: float
+    error: float
+
+
+def _at(axes: list[np.ndarray], values: np.ndarray, query: list[np.ndarray]) -> np.ndarray:
+    """``interpolate`` that also takes no axes (a scalar)."""
+    return interpolate(axes, values, query) if axes else np.asarray(values, dtype=np.float64)
+
+
+def _width(segs: tuple[Seg, ...], env: dict[str, Any], space: PruningSpace) -> Any:
+    """Width of a role made of ``segs``, dims in ``env`` at its (array) widths, the others at their size."""
+    total: Any = 0
+    for s in segs:
+        prod: Any = s.inner
+        for d in s.dims:
+            prod = prod * env.get(d, space.dims[d].size)
+        total = total + prod
+    return total
+
+
+def _shape(env: dict[str, np.ndarray], dims: tuple[str, ...]) -> tuple[int, ...]:
+    return env[dims[0]].shape if dims else ()

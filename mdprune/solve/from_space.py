@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..apply import Plan
-from ..importance import kept_value
+from ..importance import BLOCK_PREFIX, block_key, kept_value
 from ..latency import LatencyModel
 from ..space import PruningSpace, Seg, TensorAxes
 from .problem import CostTerm, DimChoice, Problem, Resource, Solution
@@ -26,6 +26,15 @@ def build_problem(space: PruningSpace, scores: Mapping[str, np.ndarray], latency
                   macs: float | None = None, min_blocks_kept: int = 0, current: Plan | None = None) -> Problem:
     """The program: maximise kept importance with predicted latency <= ``budget_ms`` (and the optional
     parameter and MAC budgets, as absolute counts).
+
+    A kept block is worth the value of the dimensions inside it (MDP) plus its own score, ``scores[block_key(b)]``
+    (the gate on its branch output, see :mod:`mdprune.importance`). Added, not instead: the gate estimates the
+    loss increase of removing the whole branch, the inner dimensions' scores that of removing their elements
+    one by one; a first-order gate on a large change sees little of what the inner scores see (their signed
+    contributions cancel in its sum), so the gate alone would make removing a block cheaper than pruning its
+    channels. Added, removing a block never costs less than in MDP, and a block with nothing prunable inside
+    (grouped convolutions kept whole, ignored layers) is no longer removed for free. Scores without block keys
+    (given by hand) value blocks by their dimensions only; a mapping with some block keys must have them all.
 
     With ``current`` (iterative pruning), no dimension grows beyond its current width and removed blocks stay
     removed: their dimensions and terms leave the program.
@@ -52,7 +61,18 @@ def build_problem(space: PruningSpace, scores: Mapping[str, np.ndarray], latency
         resources.append(_counted("macs", _mac_terms(space), macs, blk, gone))
     if current is not None:
         resources = [_restrict(r, space, dims, gone) for r in resources]
-    return Problem(dims, sorted(removable), resources, min_blocks_kept=max(0, min_blocks_kept - len(gone)))
+    return Problem(dims, sorted(removable), resources, block_value=_block_values(scores, removable),
+                   min_blocks_kept=max(0, min_blocks_kept - len(gone)))
+
+
+def _block_values(scores: Mapping[str, np.ndarray], removable: set[str]) -> dict[str, float]:
+    """Each removable block's own score (see :func:`build_problem`); none when the scores carry no block."""
+    if not any(k.startswith(BLOCK_PREFIX) for k in scores):
+        return {}
+    missing = sorted(b for b in removable if block_key(b) not in scores)
+    if missing:
+        raise ValueError(f"no importance score for blocks {missing[:3]} (keys {block_key(missing[0])!r}...)")
+    return {b: float(np.sum(scores[block_key(b)])) for b in sorted(removable)}
 
 
 def _restrict(r: Resource, space: PruningSpace, dims: list[DimChoice], gone: set[str]) -> Resource:
@@ -73,12 +93,12 @@ def _latency(space: PruningSpace, lm: LatencyModel, budget: float, blk, gone: se
     for i, op in enumerate(space.ops):
         if op.block in gone:
             continue
-        dims, table = lm.term(i)
         b = blk(op.block)
-        if not dims and b is None:
-            constant += float(table)
-        else:
-            terms.append(CostTerm(op.name, dims, np.asarray(table, dtype=np.float64), b))
+        for label, dims, table in lm.terms(i):  # several for an op split along a concatenated input
+            if not dims and b is None:
+                constant += float(table)
+            else:
+                terms.append(CostTerm(op.name + label, dims, np.asarray(table, dtype=np.float64), b))
     return Resource("latency", terms, constant, budget)
 
 
@@ -155,9 +175,39 @@ def _mac_terms(space: PruningSpace) -> list[tuple[str, tuple[str, ...], np.ndarr
                 parts.append((f"{op.name}.{role}", sub, _op_macs(space, op, sub, only=role), op.block))
             continue
         if len(dims) > 3:
-            raise ValueError(f"op {op.name} depends on {len(dims)} dimensions; at most 3 supported")
+            parts += _split_macs(space, op)
+            continue
         parts.append((op.name, dims, _op_macs(space, op, dims), op.block))
     return parts
+
+
+def _split_macs(space: PruningSpace, op) -> list[tuple[str, tuple[str, ...], np.ndarray, str | None]]:
+    """MACs of a convolution or linear layer driven by many dimensions (a concatenated input), as exact terms:
+    bilinear in (input width, output width), so one term per pair of segments, over their dimensions."""
+    f = op.fixed
+    if op.kind == "conv2d":
+        kh, kw = f["kernel"]
+        per = f["batch"] * f["out_hw"][0] * f["out_hw"][1] * kh * kw
+        pairs = [((), s) for s in op.roles["out"]] if f["depthwise"] else \
+            list(itertools.product(((s,) for s in op.roles["in"]), op.roles["out"]))
+        per = per if f["depthwise"] else per / f["groups"]
+    elif op.kind == "linear":
+        per = f["batch"] * f["tokens"]
+        pairs = list(itertools.product(((s,) for s in op.roles["in"]), op.roles["out"]))
+    else:
+        raise ValueError(f"op {op.name} depends on more than 3 dimensions; at most 3 supported")
+    merged: dict[tuple[str, ...], np.ndarray] = {}
+    for ins, out in pairs:
+        dims = _live(space, (*ins, out))
+        if len(dims) > 3:
+            raise ValueError(f"op {op.name}: segments {[s.dims for s in (*ins, out)]} span more than 3 dimensions")
+        env = _grid(space, dims)
+        table = per * _seg_width(space, out, env)
+        for s in ins:
+            table = table * _seg_width(space, s, env)
+        shape = tuple(len(space.dims[d].widths()) for d in dims)
+        merged[dims] = merged.get(dims, 0) + np.broadcast_to(np.asarray(table, dtype=np.float64), shape)
+    return [(f"{op.name}[{','.join(d)}]", d, np.asarray(t, dtype=np.float64), op.block) for d, t in merged.items()]
 
 
 def _op_macs(space: PruningSpace, op, dims: tuple[str, ...], only: str | None = None) -> np.ndarray:
