@@ -32,7 +32,7 @@ from mdprune.budget_check import solve_within_measured_budget
 from mdprune.importance import estimate
 from mdprune.latency import LatencySettings, TimingSettings, measure_models
 from mdprune.models import create_model
-from mdprune.prune import calibrated_model, open_lut
+from mdprune.one_call import calibrated_model, open_lut
 from mdprune.solve import InfeasibleBudget, Solution
 from mdprune.solve.from_space import solve_plan
 from mdprune.train.bn import recalibrate_bn

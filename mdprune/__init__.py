@@ -18,7 +18,7 @@ _EXPORTS = {
     "Plan": ".apply", "PlanError": ".apply", "PrunedAttention": ".apply", "masked": ".apply", "slim": ".apply",
     "export_onnx": ".apply.io", "load": ".apply.io", "save": ".apply.io",
     "create_model": ".models",
-    "PruneReport": ".prune", "prune": ".prune",
+    "PruneReport": ".one_call", "prune": ".one_call",
     "InfeasibleBudget": ".solve",
     "AnalysisError": ".space", "Block": ".space", "Dimension": ".space", "Op": ".space", "PruningSpace": ".space",
     "analyze": ".space",
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .apply import Plan, PlanError, PrunedAttention, masked, slim
     from .apply.io import export_onnx, load, save
     from .models import create_model
-    from .prune import PruneReport, prune
+    from .one_call import PruneReport, prune
     from .solve import InfeasibleBudget
     from .space import AnalysisError, Block, Dimension, Op, PruningSpace, analyze
 

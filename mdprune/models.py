@@ -7,6 +7,7 @@ model plus a plan and rebuilt by :func:`mdprune.load`.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -102,9 +103,78 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     own = getattr(model, "default_input_size", None)
     if isinstance(own, tuple) and len(own) == 2:
         return (channels, *own)
+    if isinstance(getattr(model, "image_size", None), int):  # torchvision's VisionTransformer
+        return (channels, model.image_size, model.image_size)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size")
     return (channels, *size[1:]) if size else (channels, 224, 224)
+
+
+# constructor keywords that set the input image size: timm (img_size), torchvision ViT (image_size), MaxViT
+_SIZE_KWARGS = ("img_size", "image_size", "input_size")
+
+
+def create_model_for_size(name: str, size: int, **kwargs: Any) -> nn.Module:
+    """Build ``name`` (as :func:`create_model`) for square ``size`` x ``size`` images.
+
+    The size goes to the keyword the model's constructor takes (``img_size`` for timm, ``image_size`` for
+    torchvision's ViT, ``input_size`` for torchvision's MaxViT), unless ``kwargs`` already sets one; a model
+    without one (a CNN) is built as it is. The model is then run once at that size: a model that cannot take
+    it raises :class:`ModelError` saying so.
+    """
+    model = create_model(name, **kwargs)
+    key = next((k for k in _SIZE_KWARGS if k in kwargs), None)
+    if key is None:
+        key = _size_keyword(type(model))
+        if key is not None:
+            model = _rebuild_for_size(name, kwargs, key, size, model)
+    c = default_input_size(model)[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, c, size, size))
+    except Exception as e:  # noqa: BLE001 - any failure means the model does not take this size
+        how = " (its constructor takes no image size)" if key is None else ""
+        raise ModelError(f"{name} does not run on {size}x{size} images{how}: {_first_line(e)}") from None
+    finally:
+        model.train(was_training)
+    return model
+
+
+def _size_keyword(cls: type) -> str | None:
+    """The image-size keyword of ``cls``'s constructor, looking through ``**kwargs`` passed on to a parent."""
+    for c in cls.__mro__:
+        if "__init__" not in vars(c):
+            continue
+        try:
+            params = inspect.signature(c.__init__).parameters
+        except (TypeError, ValueError):
+            return None
+        key = next((k for k in _SIZE_KWARGS if k in params), None)
+        if key is not None or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return key
+    return None
+
+
+def _rebuild_for_size(name: str, kwargs: dict[str, Any], key: str, size: int, model: nn.Module) -> nn.Module:
+    """``name`` built again with its size keyword; ``model`` if the builder does not pass that keyword on."""
+    value = (size, size) if key == "input_size" else size
+    try:
+        return create_model(name, **kwargs, **{key: value})
+    except TypeError as e:
+        if key in str(e):  # a user builder that does not take it: the model must run at this size as built
+            return model
+        raise ModelError(f"{name} cannot be built for {size}x{size} images ({key}={value}): {_first_line(e)}") \
+            from None
+    except Exception as e:  # noqa: BLE001 - any constructor failure means this size is not possible
+        raise ModelError(f"{name} cannot be built for {size}x{size} images ({key}={value}): {_first_line(e)}") \
+            from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Module:

@@ -7,7 +7,7 @@ import torch
 
 import mdprune
 from mdprune.latency import LatencyModel, LatencySettings, LatencyTable, TimingSettings, fingerprint
-from mdprune.prune import parse_budget, prune
+from mdprune.one_call import parse_budget, prune
 from mdprune.solve import InfeasibleBudget, evaluate, solve
 from mdprune.solve.from_space import build_problem, plan_from_solution, solve_plan
 

@@ -198,7 +198,7 @@ def test_an_unreachable_target_is_refused_before_any_training(tmp_path):
 
 @pytest.mark.parametrize("final", [False, True])
 def test_a_step_below_the_smallest_reachable_latency_takes_the_smallest_plan(final, tmp_path):
-    from mdprune.prune import calibrated_model, open_lut
+    from mdprune.one_call import calibrated_model, open_lut
     from mdprune.report import write_report
     from mdprune.solve.from_space import smallest_latency
 

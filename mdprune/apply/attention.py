@@ -1,4 +1,9 @@
-"""The slim attention module: separate q, k and v projections so q/k and v widths can differ."""
+"""The slim attention module: separate q, k and v projections so q/k and v widths can differ.
+
+:func:`slim_attention` builds it from any attention module mdprune recognises, following the module's
+:class:`~mdprune.space.attention.Layout`: the kept rows of q, k, v (fused or not) and their biases, the kept
+heads of a relative position bias table, the kept columns of a rotary embedding, sliced norms and gate.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..space import PruningSpace
+from ..space import PruningSpace, Seg
+from ..space.attention import Layout, Proj, attention_layout
 from .indices import Positions
+
+
+class RelPosBias(nn.Module):
+    """Additive attention logits per head: ``table`` (a row or column per head) indexed by ``index``."""
+
+    def __init__(self, table: torch.Tensor, index: torch.Tensor, head_axis: int, tokens: tuple[int, int]):
+        super().__init__()
+        self.table = nn.Parameter(table)
+        self.register_buffer("index", index, persistent=False)
+        self.head_axis, self.tokens = head_axis, tokens
+
+    def forward(self) -> torch.Tensor:
+        t = self.table if self.head_axis == 0 else self.table.t()
+        return t[:, self.index.reshape(-1)].view(1, t.shape[0], *self.tokens)
 
 
 class PrunedAttention(nn.Module):
@@ -18,80 +38,263 @@ class PrunedAttention(nn.Module):
 
     Keeps the dense model's softmax ``scale`` so that a slim model computes what the masked one does.
     With ``returns_tuple`` it is a drop-in for ``nn.MultiheadAttention`` (returns ``(output, None)``).
+    Optional parts (set by :func:`slim_attention`): ``pos_bias`` (a :class:`RelPosBias`), per-head ``q_norm`` /
+    ``k_norm``, ``norm`` of the merged heads, a sigmoid ``gate``, a rotary embedding read from the forward
+    argument ``rope_arg`` (``rope`` layout ``"interleaved"`` or ``"half"``, columns ``rope_index``), an additive
+    windows mask from argument ``mask_arg``, and shifted windows over an NHWC input (``window``, ``shift``).
     """
 
     def __init__(self, dim_in: int, heads: int, qk_dim: int, v_dim: int, dim_out: int, scale: float,
                  qkv_bias: bool = True, proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 batch_first: bool = True, returns_tuple: bool = False):
+                 batch_first: bool = True, returns_tuple: bool = False, *,
+                 biases: tuple[bool, bool, bool] | None = None, gate_bias: bool | None = None,
+                 arg_names: tuple[str, ...] = (), rope: str | None = None,
+                 rope_arg: str | None = None, rope_prefix: int = 0, mask_arg: str | None = None,
+                 window: tuple[int, int] | None = None, shift: tuple[int, int] = (0, 0)):
         super().__init__()
         self.heads, self.qk_dim, self.v_dim, self.scale = heads, qk_dim, v_dim, scale
         self.batch_first, self.returns_tuple, self.attn_drop = batch_first, returns_tuple, attn_drop
-        self.q = nn.Linear(dim_in, heads * qk_dim, bias=qkv_bias)
-        self.k = nn.Linear(dim_in, heads * qk_dim, bias=qkv_bias)
-        self.v = nn.Linear(dim_in, heads * v_dim, bias=qkv_bias)
+        self.arg_names, self.rope, self.rope_arg, self.rope_prefix = tuple(arg_names), rope, rope_arg, rope_prefix
+        self.mask_arg, self.window, self.shift = mask_arg, window, tuple(shift)
+        qb, kb, vb = biases if biases is not None else (qkv_bias,) * 3
+        self.q = nn.Linear(dim_in, heads * qk_dim, bias=qb)
+        self.k = nn.Linear(dim_in, heads * qk_dim, bias=kb)
+        self.v = nn.Linear(dim_in, heads * v_dim, bias=vb)
+        self.gate = nn.Linear(dim_in, heads * v_dim, bias=gate_bias) if gate_bias is not None else None
         self.q_norm: nn.Module = nn.Identity()
         self.k_norm: nn.Module = nn.Identity()
         self.norm: nn.Module = nn.Identity()
+        self.pos_bias: RelPosBias | None = None
+        self.register_buffer("rope_index", torch.arange(2 * qk_dim), persistent=False)
+        self.register_buffer("rope_heads", torch.arange(heads), persistent=False)
         self.proj = nn.Linear(heads * v_dim, dim_out, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        b, n, _ = x.shape
+        call = dict(zip(self.arg_names, args, strict=False)) | kwargs
+        rope = call.get(self.rope_arg) if self.rope_arg else None
+        mask = call.get(self.mask_arg) if self.mask_arg else None
+        if self.window is not None:
+            o = self._windows(x)
+        elif not self.batch_first:
+            o = self._attend(x.transpose(0, 1), rope, mask).transpose(0, 1)
+        else:
+            o = self._attend(x, rope, mask)
+        return (o, None) if self.returns_tuple else o
+
+    def _attend(self, x: torch.Tensor, rope: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        *lead, n, _ = x.shape
+        x = x.reshape(-1, n, x.shape[-1])
+        b = x.shape[0]
         q = self.q_norm(self.q(x).view(b, n, self.heads, self.qk_dim).transpose(1, 2))
         k = self.k_norm(self.k(x).view(b, n, self.heads, self.qk_dim).transpose(1, 2))
         v = self.v(x).view(b, n, self.heads, self.v_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
-                                           scale=self.scale)
-        o = self.proj_drop(self.proj(self.norm(o.transpose(1, 2).reshape(b, n, self.heads * self.v_dim))))
-        if not self.batch_first:
-            o = o.transpose(0, 1)
-        return (o, None) if self.returns_tuple else o
+        if rope is not None:
+            q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
+        bias = self.pos_bias() if self.pos_bias is not None else None
+        if mask is not None:  # (windows, N, N), the same for every head and image
+            w = mask.shape[0]
+            mask = mask.view(1, w, 1, n, n).expand(b // w, -1, self.heads, -1, -1).reshape(-1, self.heads, n, n)
+            bias = mask if bias is None else bias + mask
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        o = self.norm(o.transpose(1, 2).reshape(b, n, self.heads * self.v_dim))
+        if self.gate is not None:
+            o = o * self.gate(x).sigmoid()
+        o = self.proj_drop(self.proj(o))
+        return o.view(*lead, n, o.shape[-1])
+
+    def _rotate(self, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """The rotary embedding on the kept q/k columns (kept in pairs, so rotation stays within the kept)."""
+        if rope.dim() >= 3 and rope.shape[-3] != 1:  # one embedding per head
+            rope = rope.index_select(-3, self.rope_heads)
+        sin, cos = rope.index_select(-1, self.rope_index).chunk(2, -1)
+        npt = self.rope_prefix
+        head, rest = t[:, :, :npt], t[:, :, npt:]
+        if self.rope == "half":
+            a, b = rest.chunk(2, dim=-1)
+            rot = torch.cat([-b, a], dim=-1)
+        else:
+            rot = torch.stack([-rest[..., 1::2], rest[..., ::2]], -1).reshape(rest.shape)
+        return torch.cat([head, (rest * cos + rot * sin).to(t.dtype)], dim=2)
+
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        """Shifted-window attention over an NHWC map (torchvision's swin): pad, shift, partition, and back."""
+        b, h, w, c = x.shape
+        wh, ww = self.window
+        x = F.pad(x, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
+        ph, pw = x.shape[1], x.shape[2]
+        sh, sw = (0 if wh >= ph else self.shift[0]), (0 if ww >= pw else self.shift[1])
+        if sh + sw > 0:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        nw = (ph // wh) * (pw // ww)
+        x = x.view(b, ph // wh, wh, pw // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, wh * ww, c)
+        mask = _shift_mask(ph, pw, (wh, ww), (sh, sw), x) if sh + sw > 0 else None
+        o = self._attend(x, None, mask)
+        o = o.view(b, ph // wh, pw // ww, wh, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, -1)
+        if sh + sw > 0:
+            o = torch.roll(o, shifts=(sh, sw), dims=(1, 2))
+        return o[:, :h, :w, :].contiguous()
 
 
-def _rows(space: PruningSpace, pos: Positions, name: str) -> list[torch.Tensor]:
-    """Kept absolute positions of each segment of axis 0 of tensor ``name`` (q, k, v of a fused weight)."""
-    out, base = [], 0
-    for s in space.tensors[name].axes[0]:
-        out.append(pos.seg(s) + base)
-        base += pos.seg_width(s)
-    return out
+def _shift_mask(ph: int, pw: int, window: tuple[int, int], shift: tuple[int, int], like: torch.Tensor
+                ) -> torch.Tensor:
+    """The (windows, N, N) mask of shifted windows: -100 between tokens from different regions."""
+    (wh, ww), (sh, sw) = window, shift
+    region = like.new_zeros((ph, pw))
+    count = 0
+    for hs in ((0, -wh), (-wh, -sh), (-sh, None)):
+        for ws in ((0, -ww), (-ww, -sw), (-sw, None)):
+            region[hs[0]:hs[1], ws[0]:ws[1]] = count
+            count += 1
+    region = region.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
-def slim_attention(space: PruningSpace, pos: Positions, path: str, m: nn.Module) -> PrunedAttention:
-    """Build the slim :class:`PrunedAttention` of attention module ``path`` for the kept positions."""
+# ---- slimming ------------------------------------------------------------------------------------------------
+
+def _tensor(m: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(m.get_submodule(owner) if owner else m, attr)
+
+
+def _part_rows(space: PruningSpace, pos: Positions, name: str, part: int) -> torch.Tensor:
+    """Kept absolute positions of segment ``part`` of axis 0 of tensor ``name``."""
+    segs = space.tensors[name].axes[0]
+    base = sum(pos.seg_width(s) for s in segs[:part])
+    return pos.seg(segs[part]) + base
+
+
+def _rows(space: PruningSpace, pos: Positions, path: str, lay: Layout, heads: torch.Tensor, name: str, part: int
+          ) -> torch.Tensor:
+    """Kept rows of part ``part`` (q 0, k 1, v 2) of tensor ``name``."""
+    if not lay.per_head:
+        return _part_rows(space, pos, f"{path}.{name}", part)
+    widths = (lay.qk_dim, lay.qk_dim, lay.v_dim)  # whole heads: [q | k | v] per head
+    start = sum(widths[:part])
+    return (heads[:, None] * sum(widths) + start + torch.arange(widths[part])[None, :]).reshape(-1)
+
+
+def _copy_linear(lin: nn.Linear, m: nn.Module, p: Proj, rows: torch.Tensor, bias_rows: torch.Tensor,
+                 cols: torch.Tensor) -> None:
+    """Copy the kept rows (and columns) of projection ``p`` into ``lin``."""
+    lin.weight.copy_(_tensor(m, p.weight)[rows][:, cols])
+    if p.bias is not None:
+        lin.bias.copy_(_tensor(m, p.bias)[bias_rows])
+
+
+def slim_attention(space: PruningSpace, pos: Positions, path: str, m: nn.Module) -> nn.Module:
+    """The slim module of attention module ``path`` for the kept positions: a :class:`PrunedAttention`, or for
+    a module sliced in place (heads only, e.g. LeViT's) a smaller copy of it."""
+    lay = attention_layout(m)
     info = space.attention[path]
-    if info["kind"] == "timm":
-        w_in, proj = f"{path}.qkv.weight", m.proj
-        in_w, in_b = m.qkv.weight, m.qkv.bias
-        attn_drop, proj_drop, batch_first, returns_tuple = m.attn_drop.p, m.proj_drop.p, True, False
-        scale = m.scale
-    else:  # nn.MultiheadAttention
-        w_in, proj = f"{path}.in_proj_weight", m.out_proj
-        in_w, in_b = m.in_proj_weight, m.in_proj_bias
-        attn_drop, proj_drop, batch_first, returns_tuple = m.dropout, 0.0, m.batch_first, True
-        scale = m.head_dim ** -0.5
-    cols = pos.axis(space.tensors[w_in].axes[1])
-    q_rows, k_rows, v_rows = _rows(space, pos, w_in)
-    out_name = f"{path}.proj.weight" if info["kind"] == "timm" else f"{path}.out_proj.weight"
-    out_rows = pos.axis(space.tensors[out_name].axes[0])
-    out_cols = pos.axis(space.tensors[out_name].axes[1])
-    heads = len(pos.kept[info["heads"]])
-    qk_dim, v_dim = len(pos.kept[info["qk"]]), len(pos.kept[info["v"]])
-    new = PrunedAttention(len(cols), heads, qk_dim, v_dim, len(out_rows), scale, in_b is not None,
-                          proj.bias is not None, attn_drop, proj_drop, batch_first, returns_tuple)
-    new = new.to(device=in_w.device, dtype=in_w.dtype)
+    heads = pos.kept[info["heads"]]
+    if lay.in_place:
+        return _slim_in_place(space, pos, path, m, lay, len(heads))
+    cols = pos.axis(space.tensors[f"{path}.{lay.q.weight}"].axes[1])
+    q_rows = _rows(space, pos, path, lay, heads, lay.q.weight, lay.q.part)
+    v_rows = _rows(space, pos, path, lay, heads, lay.v.weight, lay.v.part)
+    proj = m.get_submodule(lay.proj)
+    out_rows = pos.axis(space.tensors[f"{path}.{lay.proj}.weight"].axes[0])
+    n_heads = len(heads)
+    new = PrunedAttention(
+        len(cols), n_heads, len(q_rows) // n_heads, len(v_rows) // n_heads, len(out_rows), lay.scale,
+        proj_bias=proj.bias is not None, attn_drop=lay.attn_drop, proj_drop=lay.proj_drop,
+        batch_first=lay.input != "seq_first", returns_tuple=lay.returns_tuple,
+        biases=(lay.q.bias is not None, lay.k.bias is not None, lay.v.bias is not None),
+        gate_bias=None if lay.gate is None else lay.gate.bias is not None, arg_names=lay.arg_names,
+        rope=lay.rope, rope_arg=lay.rope_arg, rope_prefix=lay.rope_prefix, mask_arg=lay.mask_arg,
+        window=lay.window, shift=lay.shift)
+    w = _tensor(m, lay.q.weight)
+    new = new.to(device=w.device, dtype=w.dtype)
+    _copy_weights(new, space, pos, path, m, lay, heads, cols)
+    if lay.per_head:  # whole heads
+        q_cols = (heads[:, None] * lay.qk_dim + torch.arange(lay.qk_dim)[None, :]).reshape(-1)
+    else:  # relative to the start of q
+        q_cols = pos.seg(space.tensors[f"{path}.{lay.q.weight}"].axes[0][lay.q.part])
+    _extras(new, space, pos, path, m, lay, heads, q_cols)
+    new.train(m.training)
+    return new
+
+
+@torch.no_grad()
+def _copy_weights(new: PrunedAttention, space: PruningSpace, pos: Positions, path: str, m: nn.Module, lay: Layout,
+                  heads: torch.Tensor, cols: torch.Tensor) -> None:
+    """The kept rows and columns of q, k, v, gate and the output projection."""
+    for lin, p in ((new.q, lay.q), (new.k, lay.k), (new.v, lay.v), (new.gate, lay.gate)):
+        if p is not None:
+            rows = _rows(space, pos, path, lay, heads, p.weight, p.part)
+            bias_rows = _rows(space, pos, path, lay, heads, p.bias, p.bias_part) if p.bias else rows
+            _copy_linear(lin, m, p, rows, bias_rows, cols)
+    proj, axes = m.get_submodule(lay.proj), space.tensors[f"{path}.{lay.proj}.weight"].axes
+    out_rows = pos.axis(axes[0])
+    new.proj.weight.copy_(proj.weight[out_rows][:, pos.axis(axes[1])])
+    if proj.bias is not None:
+        new.proj.bias.copy_(proj.bias[out_rows])
+
+
+def _extras(new: PrunedAttention, space: PruningSpace, pos: Positions, path: str, m: nn.Module, lay: Layout,
+            heads: torch.Tensor, q_cols: torch.Tensor) -> None:
+    """Position bias, norms and rotary columns of the slim module."""
+    dev = new.q.weight.device
+    if lay.table is not None:
+        table = _tensor(m, lay.table).detach().index_select(lay.table_head_axis, heads.to(dev)).clone()
+        index = _tensor(m, lay.table_index).detach().clone()
+        n = int(round(index.numel() ** 0.5))
+        tokens = (index.shape[0], index.shape[1]) if index.dim() == 2 else (n, n)
+        new.pos_bias = RelPosBias(table, index, lay.table_head_axis, tokens)
+    for attr in ("q_norm", "k_norm", "norm"):
+        local = getattr(lay, attr)
+        if local is not None:
+            setattr(new, attr, _slim_norm(space, pos, f"{path}.{local}", m.get_submodule(local)))
+    qk_dense = lay.qk_dim
+    first = q_cols[:new.qk_dim] - heads[0] * qk_dense  # kept q/k columns of one head, in the dense head
+    new.rope_index = torch.cat([first, first + qk_dense]).to(dev)
+    new.rope_heads = heads.clone().to(dev)
+
+
+def _slim_norm(space: PruningSpace, pos: Positions, name: str, norm: nn.Module) -> nn.Module:
+    new = copy.deepcopy(norm)
+    segs: tuple[Seg, ...] | None = space.normalized.get(name)
+    if segs is None:  # kept whole
+        return new
+    keep = pos.axis(segs)
     with torch.no_grad():
-        for lin, rows in ((new.q, q_rows), (new.k, k_rows), (new.v, v_rows)):
-            lin.weight.copy_(in_w[rows][:, cols])
-            if in_b is not None:
-                lin.bias.copy_(in_b[rows])
-        new.proj.weight.copy_(proj.weight[out_rows][:, out_cols])
-        if proj.bias is not None:
-            new.proj.bias.copy_(proj.bias[out_rows])
-    if info["kind"] == "timm":
-        new.q_norm, new.k_norm = copy.deepcopy(m.q_norm), copy.deepcopy(m.k_norm)
-        new.norm = copy.deepcopy(getattr(m, "norm", nn.Identity()))
+        for t in ("weight", "bias"):
+            p = getattr(new, t, None)
+            if p is not None:
+                setattr(new, t, nn.Parameter(p[keep.to(p.device)].clone(), requires_grad=p.requires_grad))
+    new.normalized_shape = (len(keep),)
+    return new
+
+
+def _slim_in_place(space: PruningSpace, pos: Positions, path: str, m: nn.Module, lay: Layout, heads: int
+                   ) -> nn.Module:
+    """A copy of ``m`` with every bound tensor sliced, its layers and head counts resized (its forward kept)."""
+    new = copy.deepcopy(m)
+    with torch.no_grad():
+        for local, t in [*new.named_parameters(), *new.named_buffers()]:
+            name = f"{path}.{local}"
+            if name not in space.tensors:
+                continue
+            out = t.detach()
+            for axis, segs in space.tensors[name].axes.items():
+                out = out.index_select(axis, pos.axis(segs).to(out.device))
+            owner, _, attr = local.rpartition(".")
+            mod = new.get_submodule(owner) if owner else new
+            if isinstance(t, nn.Parameter):
+                setattr(mod, attr, nn.Parameter(out.clone(), requires_grad=t.requires_grad))
+            else:
+                mod.register_buffer(attr, out.clone(), persistent=attr not in mod._non_persistent_buffers_set)
+    for sub in new.modules():
+        if isinstance(sub, nn.Linear):
+            sub.out_features, sub.in_features = sub.weight.shape
+        elif isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            sub.num_features = sub.running_mean.shape[0] if sub.running_mean is not None else sub.weight.shape[0]
+    for attr, width in lay.in_place:
+        setattr(new, attr, heads * width)
+    if hasattr(new, "attention_bias_cache"):
+        new.attention_bias_cache = {}
     new.train(m.training)
     return new

@@ -59,7 +59,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", trust_code:
     inputs = [torch.zeros(s) for s in info["input_shapes"]]
     opts = info.get("options", {})
     space = analyze(base, inputs, steps=opts.get("steps"), ignored_layers=opts.get("ignored_layers", ()),
-                    source=info["source"], max_choices=opts.get("max_choices", 16))
+                    source=info["source"], max_choices=opts.get("max_choices", 16),
+                    unsupported=opts.get("unsupported", "error"))
     model = slim(space, Plan.from_dict(info["plan"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(map_location)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import re
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -17,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..space import PruningSpace
+from ..space.functions import NODE_KEY
 from .indices import Positions
 from .plan import Plan
 
 GATES = "mdprune_gates"
+NORM_CALLS = "mdprune_norms"  # masked layer_norm calls (norm modules traced into)
 
 
 class MaskedLayerNorm(nn.LayerNorm):
@@ -40,16 +43,56 @@ class MaskedLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.full:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        m = self.keep.to(x.dtype)
-        n = m.sum()
-        mean = (x * m).sum(-1, keepdim=True) / n
-        xc = (x - mean) * m
-        y = xc * torch.rsqrt((xc * xc).sum(-1, keepdim=True) / n + self.eps)
-        if self.weight is not None:
-            y = y * self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        return y * m
+        return masked_layer_norm(x, self.keep, self.weight, self.bias, self.eps)
+
+
+class MaskedLayerNormAct(MaskedLayerNorm):
+    """A masked norm + drop + activation module (timm's ``LayerNormAct``): the same drop and act after the norm."""
+
+    def __init__(self, ln: nn.LayerNorm):
+        super().__init__(ln)
+        self.drop = getattr(ln, "drop", None) or nn.Identity()
+        self.act = getattr(ln, "act", None) or nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _masked_norm_module(ln: nn.LayerNorm) -> MaskedLayerNorm:
+    has_post = any(isinstance(getattr(ln, a, None), nn.Module) for a in ("drop", "act"))
+    return MaskedLayerNormAct(ln) if has_post else MaskedLayerNorm(ln)
+
+
+class MaskedLayerNormCall(nn.Module):
+    """A ``layer_norm`` function call (inside a norm module that was traced into) over the kept features only."""
+
+    def __init__(self, width: int, device: torch.device | None = None):
+        super().__init__()
+        self.register_buffer("keep", torch.ones(width, device=device))
+        self.full = True
+
+    set_keep = MaskedLayerNorm.set_keep
+
+    def forward(self, x: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+        if self.full:
+            return F.layer_norm(x, normalized_shape, weight, bias, eps)
+        return masked_layer_norm(x, self.keep, weight, bias, eps)
+
+
+def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      eps: float) -> torch.Tensor:
+    """Layer norm over the last axis restricted to the features ``keep`` marks; the others come out as zero."""
+    m = keep.to(x.dtype)
+    n = m.sum()
+    mean = (x * m).sum(-1, keepdim=True) / n
+    xc = (x - mean) * m
+    y = xc * torch.rsqrt((xc * xc).sum(-1, keepdim=True) / n + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y * m
 
 
 def _device(m: nn.Module) -> torch.device | None:
@@ -87,12 +130,34 @@ def prepare_masked(space: PruningSpace, model: nn.Module | None = None) -> fx.Gr
             g = graph.get_attr(f"{GATES}.{gate_name(b.name)}")
             gated = graph.call_function(operator.mul, (branch, g))
         add.replace_input_with(branch, gated)
+    calls = nn.Module()
     for path in space.normalized:
+        if path.startswith(NODE_KEY):
+            _mask_call(nodes[path[len(NODE_KEY):]], calls, device)
+            continue
         owner, _, attr = path.rpartition(".")
         parent = gm.get_submodule(owner) if owner else gm
-        setattr(parent, attr, MaskedLayerNorm(gm.get_submodule(path)))
+        setattr(parent, attr, _masked_norm_module(gm.get_submodule(path)))
+    if len(calls._modules):
+        gm.add_submodule(NORM_CALLS, calls)
     gm.recompile()
     return gm
+
+
+def _mask_call(node: fx.Node, calls: nn.Module, device: torch.device) -> None:
+    """Turn a ``layer_norm`` call into a call of a :class:`MaskedLayerNormCall` (same node, same name)."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    a = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    ns = a["normalized_shape"]
+    calls.add_module(node.name, MaskedLayerNormCall(ns if isinstance(ns, int) else ns[-1], device))
+    node.op, node.target = "call_module", f"{NORM_CALLS}.{node.name}"
+    node.args, node.kwargs = tuple(a.get(n) for n in names[:4]) + (a.get("eps", 1e-5),), {}
+
+
+def _norm_module(model: nn.Module, path: str) -> nn.Module:
+    if path.startswith(NODE_KEY):
+        return model.get_submodule(f"{NORM_CALLS}.{path[len(NODE_KEY):]}")
+    return model.get_submodule(path)
 
 
 def tensor_masks(space: PruningSpace, plan: Plan) -> dict[str, dict[int, torch.Tensor]]:
@@ -132,7 +197,7 @@ def apply_masks_(model: fx.GraphModule, space: PruningSpace, plan: Plan) -> dict
         getattr(gates, gate_name(b)).fill_(0.0 if b in removed else 1.0)
     pos = Positions(space, plan)
     for path, segs in space.normalized.items():
-        model.get_submodule(path).set_keep(pos.axis_mask(segs))
+        _norm_module(model, path).set_keep(pos.axis_mask(segs))
     return masks
 
 

@@ -72,6 +72,7 @@ def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.
         if node is not None and node.graph is graph:
             _patch_literal(node, p.arg_index, pos.axis(p.segs).numel())
     gm.delete_all_unused_submodules()
+    _delete_unused_tensors(gm)
     gm.recompile()
     gm.meta["mdprune"] = {
         "source": space.source,
@@ -80,6 +81,20 @@ def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.
         "options": space.options,
     }
     return gm
+
+
+def _delete_unused_tensors(gm: fx.GraphModule) -> None:
+    """Drop parameters and buffers nothing reads any more: those a removed block held on a module that stays
+    only as the parent of a kept one (e.g. a ConvNeXt block's ``gamma`` beside its identity shortcut)."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    fetched = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for path, m in gm.named_modules():
+        parts = path.split(".")
+        if path and any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1)):
+            continue  # a called module reads its own tensors
+        for name, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if (f"{path}.{name}" if path else name) not in fetched:
+                delattr(m, name)
 
 
 def _not_inplace(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -128,7 +143,7 @@ def _slim_module(space: PruningSpace, pos: Positions, path: str, m: nn.Module) -
         return slim_attention(space, pos, path, m)
     names = [f"{path}.{n}" for n, _ in m.named_parameters()] + [f"{path}.{n}" for n, _ in m.named_buffers()]
     bound = [n for n in names if n in space.tensors]
-    if not bound:
+    if not bound and path not in space.normalized:  # (a LayerNorm without weights still changes size)
         return m
     new = copy.deepcopy(m)
     for name in bound:
@@ -148,25 +163,48 @@ def _resize(new: nn.Module, old: nn.Module, space: PruningSpace, pos: Positions,
             new.in_channels = new.weight.shape[1] * new.groups
     elif isinstance(new, nn.Linear):
         new.out_features, new.in_features = new.weight.shape
-    elif isinstance(new, nn.modules.batchnorm._BatchNorm):
-        ref = new.running_mean if new.running_mean is not None else new.weight
-        new.num_features = ref.shape[0]
-    elif isinstance(new, nn.LayerNorm):
-        new.normalized_shape = (int(pos.axis(space.normalized[path]).numel()),)
     elif isinstance(new, nn.PReLU):
         new.num_parameters = new.weight.shape[0]
-    elif not _only_tensors_change(new):
+    elif not _resize_norm(new, int(pos.axis(space.normalized[path]).numel()) if path in space.normalized else None) \
+            and not _only_tensors_change(new):
         raise TypeError(f"mdprune does not know how to resize module '{path}' of type {type(new).__name__}")
+
+
+def _resize_norm(m: nn.Module, width: int | None = None) -> bool:
+    """Set a norm's size attributes to ``width`` (default: its per-channel tensors' length); False if not a norm.
+
+    Covers BatchNorm, GroupNorm and LayerNorm with their subclasses (timm's norm + act modules), and modules
+    holding ``running_mean`` (frozen BatchNorms). A norm traced into is no module of the traced model: its
+    tensors are sliced where they are read, and its literal sizes patched in the graph.
+    """
+    if not isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) \
+            and getattr(m, "running_mean", None) is None:
+        return False
+    if width is None:
+        ref = next((t for t in (getattr(m, a, None) for a in ("running_mean", "weight", "bias")) if t is not None),
+                   None)
+        if ref is None:
+            return True  # nothing sized it
+        width = ref.shape[0]
+    if isinstance(m, nn.GroupNorm):
+        m.num_groups = width if m.num_groups == m.num_channels else m.num_groups
+        m.num_channels = width
+    elif isinstance(m, nn.LayerNorm):
+        if len(m.normalized_shape) == 1:
+            m.normalized_shape = (width,)
+    elif hasattr(m, "num_features"):
+        m.num_features = width
+    return True
 
 
 def _only_tensors_change(m: nn.Module) -> bool:
     """Modules whose size lives only in their tensors (e.g. timm's LayerScale)."""
-    return type(m).__name__ in {"LayerScale"}
+    return type(m).__name__ in {"LayerScale", "LayerScale2d"}
 
 
 def _patch_literal(node: fx.Node, index: int, value: int) -> None:
     args: list[Any] = list(node.args)
-    if len(args) == 2 and isinstance(args[1], (tuple, list)):
+    if isinstance(args[1], (tuple, list)):  # a shape given as one sequence (reshape, layer_norm)
         shape = list(args[1])
         shape[index] = value
         args[1] = type(args[1])(shape)

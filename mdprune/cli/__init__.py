@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (AnalysisError, ModelError, FingerprintMismatch, IncompleteTable, InfeasibleBudget, DataError,
             RunDirError, NaNLoss, ValueError) as e:
-        print(f"mdprune: error: {e}", file=sys.stderr)
+        print(f"mdprune: error: {e.for_cli() if isinstance(e, AnalysisError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mdprune: interrupted (completed measurements are saved)", file=sys.stderr)

@@ -35,33 +35,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="pruning step per dimension kind or name, e.g. channel=16 (repeatable)")
     p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
                    help="module to keep whole (repeatable)")
+    p.add_argument("--keep-unsupported", action="store_true",
+                   help="keep every module mdprune cannot analyse whole (a warning lists them) instead of stopping")
 
 
 def build_model_and_space(args: argparse.Namespace) -> tuple[torch.nn.Module, PruningSpace]:
     import torch
 
-    from ..models import create_model, default_input_size, load_checkpoint
+    from ..models import create_model, create_model_for_size, default_input_size, load_checkpoint
     from ..space import analyze
 
     kwargs = dict(args.model_arg)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
-    if args.input_size is not None and "img_size" not in kwargs and is_timm_vit(args.model):
-        kwargs["img_size"] = args.input_size
-    model = create_model(args.model, **kwargs)
+    if args.input_size is not None:  # the size goes to the keyword the constructor takes, or is refused
+        model = create_model_for_size(args.model, args.input_size, **kwargs)
+    else:
+        model = create_model(args.model, **kwargs)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
     c, h, w = default_input_size(model)
     if args.input_size is not None:
         h = w = args.input_size
     x = torch.randn(args.batch, c, h, w)
-    space = analyze(model, x, steps=dict(args.step), ignored_layers=args.ignore)
+    space = analyze(model, x, steps=dict(args.step), ignored_layers=args.ignore, unsupported=unsupported(args))
     return model, space
 
 
-def is_timm_vit(name: str) -> bool:
-    n = name.removeprefix("timm:")
-    return any(n.startswith(p) for p in ("vit_", "deit", "eva", "beit"))
+def unsupported(args: argparse.Namespace) -> str:
+    """``analyze``'s ``unsupported`` setting from ``--keep-unsupported``."""
+    return "keep" if getattr(args, "keep_unsupported", False) else "error"
 
 
 def human(n: float) -> str:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import parse_kv
+from .common import parse_kv, unsupported
 
 if TYPE_CHECKING:
     from ..train.loop import TrainConfig
@@ -73,6 +73,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--step", type=parse_kv, action="append", default=[], metavar="KIND=N",
                    help="pruning step (alignment) per dimension kind or name, e.g. channel=16")
     g.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="module to keep whole")
+    g.add_argument("--keep-unsupported", action="store_true",
+                   help="keep every module mdprune cannot analyse whole (a warning lists them) instead of stopping")
     g.add_argument("--solver-time-limit", type=float, default=60.0)
     g.add_argument("--verify-rounds", type=int, default=2,
                    help="re-solves with a tighter budget while the final plan's measured latency misses the "
@@ -116,7 +118,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         macs_budget=args.macs_budget, min_blocks_kept=args.min_blocks_kept,
         schedule=PruneSchedule(args.schedule, args.steps, args.every, args.warmup, args.importance_batches),
         train=train_config(args), latency=latency, lut=args.lut, steps=dict(args.step),
-        ignored_layers=args.ignore, solver_time_limit=args.solver_time_limit, verify_rounds=args.verify_rounds,
+        ignored_layers=args.ignore, unsupported=unsupported(args), solver_time_limit=args.solver_time_limit,
+        verify_rounds=args.verify_rounds,
         workers=args.workers,
         device=args.device, seed=args.seed)
 

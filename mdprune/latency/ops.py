@@ -57,22 +57,44 @@ class AttentionCore(nn.Module):
     """The part of :class:`mdprune.PrunedAttention` between the projections: softmax(q k^T) v, merged heads.
 
     Takes q, k, v as the projections lay them out, (batch, tokens, heads, width), so the strided views and any
-    copies the attention kernel makes of them are timed as in the slim model.
+    copies the attention kernel makes of them are timed as in the slim model; with ``bias`` also an additive
+    (1, heads, tokens, tokens) bias (relative position bias, window masks), with ``rope`` a rotary embedding of
+    q and k (its (tokens, 2 x width) sin and cos), in that order after v.
     """
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, n, h, dv = v.shape
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    def __init__(self, bias: bool = False, rope: bool = False):
+        super().__init__()
+        self.bias, self.rope = bias, rope
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        (b, n, h, _), dv = q.shape, v.shape[-1]
+        rest = list(extra)
+        bias = rest.pop(0) if self.bias else None
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.rope:
+            q, k = _rotate(q, rest[0]), _rotate(k, rest[0])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return o.transpose(1, 2).reshape(b, n, h * dv)
+
+
+def _rotate(t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    sin, cos = rope.chunk(2, -1)
+    rot = torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape)
+    return t * cos + rot * sin
 
 
 def _attention(fixed: dict[str, Any], w: dict[str, int], batch: int
                ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    n = fixed["tokens"]
-    q = torch.randn(batch, n, w["heads"], w["qk"])
-    k = torch.randn(batch, n, w["heads"], w["qk"])
-    v = torch.randn(batch, n, w["heads"], w["v"])
-    return AttentionCore(), (q, k, v)
+    n, b = fixed["tokens"], batch * fixed.get("windows", 1)  # windowed attention: windows x images
+    nk = fixed.get("tokens_kv", n)  # keys and values from more tokens than the queries (LeViT's downsampling)
+    bias, rope = bool(fixed.get("bias")), bool(fixed.get("rope"))
+    inputs = [torch.randn(b, n, w["heads"], w["qk"]), torch.randn(b, nk, w["heads"], w["qk"]),
+              torch.randn(b, nk, w["heads"], w["v"])]
+    if bias:
+        inputs.append(torch.randn(1, w["heads"], n, nk))
+    if rope:
+        inputs.append(torch.randn(n, 2 * w["qk"]))
+    return AttentionCore(bias, rope), tuple(inputs)
 
 
 class NodeReplay(nn.Module):

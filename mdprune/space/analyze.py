@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch import nn
 from .blocks import FoundBlock, find_blocks
 from .channels import Propagation, RawOp
 from .epilogue import epilogue
+from .errors import AnalysisError, Problem
 from .nodes import node_op
 from .space import MAX_CHOICES, Block, Dimension, Op, Patch, PruningSpace, Seg, TensorAxes, default_step
 from .trace import record_shapes, trace
@@ -27,6 +29,7 @@ def analyze(
     ignored_layers: Iterable[str] = (),
     source: Mapping[str, Any] | None = None,
     max_choices: int = MAX_CHOICES,
+    unsupported: str = "error",
 ) -> PruningSpace:
     """Describe what can be pruned in ``model``.
 
@@ -40,16 +43,17 @@ def analyze(
         ignored_layers: names of modules to keep whole: traced as opaque, every channel they touch is kept.
         source: how to rebuild the base model for :func:`mdprune.load` (``{"name": ..., "kwargs": {...}}``);
             taken from the model if it was made by :func:`mdprune.create_model`.
+        unsupported: what to do with modules and ops mdprune cannot follow: ``"error"`` (default) raises one
+            AnalysisError listing all of them; ``"keep"`` keeps each one's module whole, as ``ignored_layers``
+            would (an op in the model's own forward: the channels through it), and warns with the list.
 
     Raises:
-        AnalysisError: for any op or layer mdprune cannot prune safely, naming the module and the op.
+        AnalysisError: for the ops and layers mdprune cannot prune safely, all of them, naming module and op.
     """
+    if unsupported not in ("error", "keep"):
+        raise ValueError(f"unsupported must be 'error' or 'keep', not {unsupported!r}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    ignored = tuple(ignored_layers)
-    gm = trace(model, ignored, n_inputs=len(inputs))
-    record_shapes(gm, inputs)
-    prop = Propagation(gm, ignored)
-    prop.run()
+    gm, prop, ignored = _propagate(model, inputs, tuple(ignored_layers), unsupported == "keep")
     for op in prop.ops:
         node = next(n for n in gm.graph.nodes if n.name == op.nodes[0])
         if op.kind in ("conv2d", "linear") and node.op == "call_module" and node.target == op.name:
@@ -65,7 +69,54 @@ def analyze(
     steps = dict(steps or {})
     if source is None:
         source = getattr(model, "_mdprune_source", None)
-    return _assemble(gm, prop, found, compute, steps, ignored, inputs, source, max_choices)
+    space = _assemble(gm, prop, found, compute, steps, ignored, inputs, source, max_choices)
+    if unsupported == "keep":
+        space.options["unsupported"] = "keep"
+    return space
+
+
+def _propagate(model: nn.Module, inputs: tuple[torch.Tensor, ...], ignored: tuple[str, ...], keep: bool
+               ) -> tuple[fx.GraphModule, Propagation, tuple[str, ...]]:
+    """Trace and run the channel rules; every problem found is raised at once, or (``keep``) its module ignored
+    and the analysis repeated until none is left (ops in the model's own forward: kept as opaque nodes)."""
+    user, kept, opaque = ignored, [], set()
+    problems: list[Problem] = []
+    while True:
+        try:
+            gm = trace(model, user + tuple(kept), n_inputs=len(inputs))
+        except AnalysisError as e:
+            new = [p.module for p in e.problems if p.module and p.module not in kept]
+            if not keep or not new:
+                raise
+            problems += e.problems
+            kept += new
+            continue
+        record_shapes(gm, inputs)
+        prop = Propagation(gm, user + tuple(kept))
+        prop.opaque_nodes = opaque
+        prop.run()
+        if not prop.problems:
+            break
+        if not keep:
+            raise AnalysisError("", prop.problems, type(model).__name__)
+        problems += prop.problems
+        new = list(dict.fromkeys(p.module for p in prop.problems if p.module and p.module not in kept))
+        nodes = {p.node for p in prop.problems if p.node} - opaque
+        if not new and not nodes:  # nothing left to keep whole (cannot happen: opaque nodes never fail)
+            raise AnalysisError("", prop.problems, type(model).__name__)
+        kept += new
+        opaque = set() if new else opaque | nodes
+    if problems:
+        warnings.warn(_kept_warning(problems, kept, type(model).__name__), stacklevel=3)
+    return gm, prop, user + tuple(kept)
+
+
+def _kept_warning(problems: list[Problem], kept: list[str], model: str) -> str:
+    lines = list(dict.fromkeys(f"  - {p.message}" for p in problems))
+    parts = [f"{len(kept)} module(s) whole ({', '.join(kept)})"] if kept else []
+    if n := len({p.node for p in problems if p.module is None}):
+        parts.append(f"the channels through {n} op(s) of its own forward")
+    return f"mdprune keeps {' and '.join(parts)} in {model} unpruned, because it cannot follow:\n" + "\n".join(lines)
 
 
 def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], compute: set[str],
@@ -74,8 +125,10 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
     nodes = {n.name: n for n in gm.graph.nodes}
     state = dict(gm.state_dict(keep_vars=True))
 
-    # dimensions: one per union-find root, named after its first producer
-    roots = sorted({prop.find(i) for i in range(len(prop.parent))})
+    # dimensions: one per unrefined union-find root, named after its first producer
+    roots = prop.finish([*(s for axes in prop.bindings.values() for s in axes.values()),
+                         *(s for o in prop.ops for s in o.roles.values()), *(p.segs for p in prop.patches),
+                         *prop.normalized.values()])
     embeds = [r for r in roots if prop.spaces[r].normalized]
     names: dict[int, str] = {}
     used: set[str] = set()
@@ -91,7 +144,7 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
         return Seg(tuple(names[prop.find(i)] for i in s.spaces), s.inner)
 
     def segs(ss: tuple[RawSeg, ...]) -> tuple[Seg, ...]:
-        return tuple(seg(s) for s in ss)
+        return tuple(seg(s) for s in prop.leaves(ss))  # refined spaces: their parts
 
     # blocks
     blocks: dict[str, Block] = {}
@@ -101,7 +154,9 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
     for n in nodes.values():
         if n.op == "call_module":
             calls.setdefault(n.target, set()).add(n.name)
-    for fb, name in zip(found, _block_names(found, nodes, compute), strict=True):
+    block_names = _block_names(found, nodes, compute)
+    by_add = {fb.add: name for fb, name in zip(found, block_names, strict=True)}
+    for fb, name in zip(found, block_names, strict=True):
         modules = sorted({nodes[n].target for n in fb.region if nodes[n].op == "call_module"
                           and calls[nodes[n].target] <= fb.region})
         tensors = [k for k in state if any(k.startswith(m + ".") for m in modules)]
@@ -109,6 +164,9 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
         protected = None
         if any(m == i or m.startswith(i + ".") for m in modules for i in ignored):
             protected = "holds an ignored layer"
+        outer = next((by_add[o.add] for o in found if o is not fb and fb.add in o.region), None)
+        if protected is None and outer is not None:  # its tensors and ops are counted with the outer block
+            protected = f"nested in block {outer}"
         blocks[name] = Block(name, modules, tensors, fb.shortcut_kind, fb.add, fb.branch, fb.shortcut, protected)
         for t in tensors:
             tensor_block[t] = name
@@ -125,7 +183,7 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
     for r in roots:
         info, name = prop.spaces[r], names[r]
         kind = "embed" if info.normalized else info.kind
-        step = steps.get(name, steps.get(kind, default_step(kind, info.size, max_choices)))
+        step = steps.get(name, steps.get(kind, default_step(kind, info.size, max_choices, info.repeat)))
         reasons = list(dict.fromkeys(info.protected))
         dims[name] = Dimension(name, kind, info.size, step, protected="; ".join(reasons) or None)
     for d in dims.values():  # a dimension lies in a block when all its tensors do

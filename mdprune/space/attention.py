@@ -1,132 +1,608 @@
 """Attention modules as pruning units: heads, query/key width per head and value width per head.
 
-An adapter recognises one attention implementation, ties its input and output to the embedding channels,
-opens three dimensions (heads H, q/k width Q, v width V) and lists its ops. The fused qkv weight is bound as
-three segments ``H x Q``, ``H x Q``, ``H x V``, so q/k and v widths are pruned independently; the slim model
-(:mod:`mdprune.apply.attention`) has separate q, k and v projections.
+An adapter recognises one attention implementation and declares its :class:`Layout`: where q, k and v live
+(a fused qkv weight or separate projections, and their biases), the output projection, and what else its
+forward does (relative position bias, rotary embedding, q/k norms, an output norm, a sigmoid gate, windows).
+The analysis ties the module's input and output to the embedding channels, opens three dimensions (heads H,
+q/k width Q, v width V) and lists its ops; a fused qkv weight is bound as three segments ``H x Q``, ``H x Q``,
+``H x V``, so q/k and v widths are pruned independently. The slim model (:mod:`mdprune.apply.attention`) builds a
+:class:`mdprune.PrunedAttention` from the same layout, with separate q, k and v projections.
+
+What cannot be pruned exactly is kept whole with a reason (q/k width under q/k norms); a variant an adapter
+does not cover (masks, shared position bias, grouped-query attention, ...) raises an AnalysisError naming it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 from torch import nn
 
 from .errors import AnalysisError, where
+from .modules import linear_fixed
 from .values import Chan, RawSeg, Several
 
 if TYPE_CHECKING:
     from .channels import Propagation
 
 
+@dataclass(frozen=True)
+class Proj:
+    """Where q, k or v comes from: segment ``part`` of axis 0 of ``weight`` (a fused qkv: q 0, k 1, v 2)."""
+
+    weight: str  # name of the weight inside the attention module
+    part: int = 0
+    bias: str | None = None  # its bias (a parameter), None without one
+    bias_part: int = 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an attention module maps onto :class:`mdprune.PrunedAttention` (names inside the module)."""
+
+    kind: str
+    heads: int
+    qk_dim: int  # q/k width of one head
+    v_dim: int  # v width of one head
+    q: Proj
+    k: Proj
+    v: Proj
+    proj: str  # the output projection (an nn.Linear)
+    scale: float  # softmax scale of the dense module: kept when q/k width shrinks
+    input: str = "tokens"  # "tokens" (..., N, C), "seq_first" (N, B, C) or "windows" (B, H, W, C: shifted windows)
+    arg_names: tuple[str, ...] = ()  # forward parameters after the input, in order
+    returns_tuple: bool = False  # nn.MultiheadAttention: (output, weights)
+    gate: Proj | None = None  # output * sigmoid(gate(x)) before the projection
+    table: str | None = None  # relative position bias table (one column or row per head)
+    table_index: str | None = None  # its index buffer
+    table_head_axis: int = 1
+    q_norm: str | None = None  # per-head norms of q and k (None: identity)
+    k_norm: str | None = None
+    norm: str | None = None  # norm of the merged heads before the projection (None: identity)
+    per_head: bool = False  # a fused weight laid out head by head, [q | k | v] within each (not q | k | v)
+    rope: str | None = None  # rotary embedding layout: "interleaved" or "half"
+    rope_arg: str | None = None  # the forward argument carrying it
+    rope_prefix: int = 0  # leading tokens (class, registers) the rotary embedding skips
+    mask_arg: str | None = None  # forward argument with an additive (windows, N, N) mask (timm's swin)
+    window: tuple[int, int] | None = None  # "windows" input: window size and cyclic shift
+    shift: tuple[int, int] = (0, 0)
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    unsupported: tuple[str, ...] = field(default=())  # why this module cannot be pruned (AnalysisError)
+    # sliced in place (its own forward kept), heads only: attribute -> width per head, set to kept heads x width
+    in_place: tuple[tuple[str, int], ...] = ()
+
+
+# ---- the adapters ----------------------------------------------------------------------------------------------
+
+class _Adapter:
+    """An attention implementation: its :class:`Layout`; the analysis is the same for all."""
+
+    kind = ""
+
+    def layout(self, m: nn.Module) -> Layout:
+        raise NotImplementedError
+
+    def analyse(self, prop: Propagation, node: fx.Node, m: nn.Module) -> Any:
+        return analyse_attention(prop, node, m)
+
+
+def _arg_names(m: nn.Module) -> tuple[str, ...]:
+    params = list(inspect.signature(m.forward).parameters.values())
+    return tuple(p.name for p in params[1:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                            p.KEYWORD_ONLY))
+
+
+def _norm_name(m: nn.Module, attr: str) -> str | None:
+    sub = getattr(m, attr, None)
+    return None if sub is None or isinstance(sub, nn.Identity) else attr
+
+
+def _drop(m: nn.Module, attr: str) -> float:
+    d = getattr(m, attr, None)
+    return float(d.p) if isinstance(d, nn.Dropout) else float(d or 0.0)
+
+
+def _fused_or_separate(m: nn.Module, q_bias: str | None, v_bias: str | None) -> tuple[Proj, Proj, Proj, list[str]]:
+    """q, k, v of a module with either ``qkv`` (fused, maybe with q_bias/k_bias/v_bias) or q/k/v_proj."""
+    why = []
+    if getattr(m, "qkv", None) is not None:
+        if m.qkv.bias is not None:
+            return Proj("qkv.weight", 0, "qkv.bias", 0), Proj("qkv.weight", 1, "qkv.bias", 1), \
+                Proj("qkv.weight", 2, "qkv.bias", 2), why
+        kb = getattr(m, "k_bias", None)
+        if kb is not None and bool(kb.ne(0).any()):
+            why.append("a non-zero k_bias buffer")
+        return Proj("qkv.weight", 0, q_bias), Proj("qkv.weight", 1), Proj("qkv.weight", 2, v_bias), why
+    projs = []
+    for p in ("q_proj", "k_proj", "v_proj"):
+        lin = getattr(m, p)
+        projs.append(Proj(f"{p}.weight", 0, f"{p}.bias" if lin.bias is not None else None))
+    return projs[0], projs[1], projs[2], why
+
+
+def _table(m: nn.Module, attr: str, index: str, heads: int) -> dict[str, Any]:
+    t = getattr(m, attr, None)
+    if t is None:
+        return {}
+    axis = 1 if t.dim() == 2 and t.shape[1] == heads else 0
+    return {"table": attr, "table_index": index, "table_head_axis": axis}
+
+
+class TimmAttention(_Adapter):
+    """timm's ``Attention`` (ViT, DeiT, ...): fused qkv Linear, optional q/k norms, output norm and gate."""
+
+    kind = "timm"
+
+    def layout(self, m: nn.Module) -> Layout:
+        q, k, v = Proj("qkv.weight", 0, "qkv.bias" if m.qkv.bias is not None else None, 0), \
+            Proj("qkv.weight", 1, "qkv.bias" if m.qkv.bias is not None else None, 1), \
+            Proj("qkv.weight", 2, "qkv.bias" if m.qkv.bias is not None else None, 2)
+        gate = getattr(m, "gate", None)
+        return Layout(self.kind, m.num_heads, m.head_dim, m.head_dim, q, k, v, "proj", float(m.scale),
+                      arg_names=_arg_names(m), q_norm=_norm_name(m, "q_norm"), k_norm=_norm_name(m, "k_norm"),
+                      norm=_norm_name(m, "norm"), attn_drop=_drop(m, "attn_drop"), proj_drop=_drop(m, "proj_drop"),
+                      gate=Proj("gate.weight", 0, "gate.bias" if gate.bias is not None else None)
+                      if gate is not None else None)
+
+
+class BeitAttention(_Adapter):
+    """timm's BEiT ``Attention``: fused qkv with q_bias/v_bias, a per-block relative position bias table."""
+
+    kind = "beit"
+
+    def layout(self, m: nn.Module) -> Layout:
+        q, k, v, why = _fused_or_separate(m, "q_bias" if m.q_bias is not None else None,
+                                          "v_bias" if m.v_bias is not None else None)
+        head_dim = m.qkv.weight.shape[0] // 3 // m.num_heads
+        return Layout(self.kind, m.num_heads, head_dim, head_dim, q, k, v, "proj", float(m.scale),
+                      arg_names=_arg_names(m), attn_drop=_drop(m, "attn_drop"), proj_drop=_drop(m, "proj_drop"),
+                      unsupported=tuple(why),
+                      **_table(m, "relative_position_bias_table", "relative_position_index", m.num_heads))
+
+
+class EvaAttention(_Adapter):
+    """timm's ``EvaAttention`` and ``AttentionRope``: fused or separate q/k/v, rotary embedding, norms, gate."""
+
+    kind = "eva"
+
+    def layout(self, m: nn.Module) -> Layout:
+        q, k, v, why = _fused_or_separate(m, "q_bias" if getattr(m, "q_bias", None) is not None else None,
+                                          "v_bias" if getattr(m, "v_bias", None) is not None else None)
+        if getattr(m, "num_kv_heads", m.num_heads) != m.num_heads:
+            why.append(f"grouped-query attention ({m.num_kv_heads} key/value heads for {m.num_heads})")
+        gate = getattr(m, "gate", None)
+        return Layout(self.kind, m.num_heads, m.head_dim, m.head_dim, q, k, v, "proj", float(m.scale),
+                      arg_names=_arg_names(m), q_norm=_norm_name(m, "q_norm"), k_norm=_norm_name(m, "k_norm"),
+                      norm=_norm_name(m, "norm"), rope="half" if getattr(m, "rotate_half", False) else "interleaved",
+                      rope_arg="rope", rope_prefix=int(m.num_prefix_tokens), attn_drop=_drop(m, "attn_drop"),
+                      proj_drop=_drop(m, "proj_drop"), unsupported=tuple(why),
+                      gate=Proj("gate.weight", 0, "gate.bias" if gate.bias is not None else None)
+                      if gate is not None else None)
+
+
+class TimmWindowAttention(_Adapter):
+    """timm's swin ``WindowAttention``: windows already partitioned, relative position bias, shift mask."""
+
+    kind = "timm_window"
+
+    def layout(self, m: nn.Module) -> Layout:
+        bias = "qkv.bias" if m.qkv.bias is not None else None
+        head_dim = m.qkv.weight.shape[0] // 3 // m.num_heads
+        return Layout(self.kind, m.num_heads, head_dim, head_dim, Proj("qkv.weight", 0, bias, 0),
+                      Proj("qkv.weight", 1, bias, 1), Proj("qkv.weight", 2, bias, 2), "proj", float(m.scale),
+                      arg_names=_arg_names(m), mask_arg="mask", attn_drop=_drop(m, "attn_drop"),
+                      proj_drop=_drop(m, "proj_drop"),
+                      **_table(m, "relative_position_bias_table", "relative_position_index", m.num_heads))
+
+
+class TorchvisionWindowAttention(_Adapter):
+    """torchvision's swin ``ShiftedWindowAttention``: pads, shifts and partitions an NHWC map itself."""
+
+    kind = "tv_window"
+
+    def layout(self, m: nn.Module) -> Layout:
+        bias = "qkv.bias" if m.qkv.bias is not None else None
+        dim = m.qkv.in_features
+        head_dim = dim // m.num_heads
+        return Layout(self.kind, m.num_heads, head_dim, head_dim, Proj("qkv.weight", 0, bias, 0),
+                      Proj("qkv.weight", 1, bias, 1), Proj("qkv.weight", 2, bias, 2), "proj", head_dim ** -0.5,
+                      input="windows", window=tuple(m.window_size), shift=tuple(m.shift_size),
+                      attn_drop=float(m.attention_dropout), proj_drop=float(m.dropout),
+                      **_table(m, "relative_position_bias_table", "relative_position_index", m.num_heads))
+
+
+class TorchvisionMaxVitAttention(_Adapter):
+    """torchvision's MaxViT ``RelativePositionalMultiHeadAttention``: (B, G, P, D) windows or grids."""
+
+    kind = "tv_maxvit"
+
+    def layout(self, m: nn.Module) -> Layout:
+        return Layout(self.kind, m.n_heads, m.head_dim, m.head_dim, Proj("to_qkv.weight", 0, "to_qkv.bias", 0),
+                      Proj("to_qkv.weight", 1, "to_qkv.bias", 1), Proj("to_qkv.weight", 2, "to_qkv.bias", 2),
+                      "merge", float(m.scale_factor),
+                      **_table(m, "relative_position_bias_table", "relative_position_index", m.n_heads))
+
+
+class EfficientFormerAttention(_Adapter):
+    """timm's EfficientFormer ``Attention``: one qkv Linear laid out head by head, a bias per head and offset.
+
+    q, k and v are interleaved within each head, which the pruning space cannot describe per column: heads
+    are pruned, q/k and v widths are kept whole.
+    """
+
+    kind = "efficientformer"
+
+    def layout(self, m: nn.Module) -> Layout:
+        b = "qkv.bias" if m.qkv.bias is not None else None
+        q, k, v = (Proj("qkv.weight", i, b, i) for i in range(3))
+        return Layout(self.kind, m.num_heads, m.key_dim, m.val_dim, q, k, v, "proj", float(m.scale), per_head=True,
+                      table="attention_biases", table_index="attention_bias_idxs", table_head_axis=0)
+
+
+class LevitAttention(_Adapter):
+    """timm's LeViT ``Attention`` and ``AttentionDownsample`` (linear mode): Linear + BatchNorm projections laid
+    out head by head, an activation before the output projection, a bias per head and offset; the downsampling
+    one takes its queries from every ``stride``-th token. Sliced in place: heads are pruned, widths kept."""
+
+    kind = "levit"
+
+    def layout(self, m: nn.Module) -> Layout:
+        down = hasattr(m, "kv")
+        fused = "kv.linear.weight" if down else "qkv.linear.weight"
+        q = Proj("q.ln.linear.weight") if down else Proj(fused, 0)
+        k, v = (Proj(fused, 0), Proj(fused, 1)) if down else (Proj(fused, 1), Proj(fused, 2))
+        why = ("convolution mode (use_conv=True)",) if m.use_conv else ()
+        return Layout(self.kind, m.num_heads, m.key_dim, m.val_dim, q, k, v, "proj.ln.linear", float(m.scale),
+                      per_head=True, table="attention_biases", table_index="attention_bias_idxs", table_head_axis=0,
+                      unsupported=why, in_place=(("num_heads", 1), ("key_attn_dim", m.key_dim),
+                                                 ("val_attn_dim", m.val_dim)))
+
+    def analyse(self, prop: Propagation, node: fx.Node, m: nn.Module) -> Any:
+        return analyse_levit(prop, node, m, self.layout(m))
+
+
+class TorchMultiheadAttention(_Adapter):
+    """``nn.MultiheadAttention`` used as self-attention (query, key and value the same tensor)."""
+
+    kind = "mha"
+
+    def layout(self, m: nn.MultiheadAttention) -> Layout:
+        why = []
+        if not m._qkv_same_embed_dim:
+            why.append("separate key/value input widths (kdim/vdim)")
+        if m.bias_k is not None or m.add_zero_attn:
+            why.append("add_bias_kv / add_zero_attn")
+        bias = "in_proj_bias" if m.in_proj_bias is not None else None
+        return Layout(self.kind, m.num_heads, m.head_dim, m.head_dim, Proj("in_proj_weight", 0, bias, 0),
+                      Proj("in_proj_weight", 1, bias, 1), Proj("in_proj_weight", 2, bias, 2), "out_proj",
+                      m.head_dim ** -0.5, input="tokens" if m.batch_first else "seq_first",
+                      arg_names=_arg_names(m), returns_tuple=True, attn_drop=float(m.dropout),
+                      unsupported=tuple(why))
+
+
+def _timm_types() -> dict[type, _Adapter]:
+    import importlib
+
+    out: dict[type, _Adapter] = {}
+    for module, name, adapter in (
+            ("timm.layers", "Attention", TimmAttention()), ("timm.layers", "AttentionRope", EvaAttention()),
+            ("timm.models.beit", "Attention", BeitAttention()), ("timm.models.eva", "EvaAttention", EvaAttention()),
+            ("timm.models.swin_transformer", "WindowAttention", TimmWindowAttention()),
+            ("timm.models.efficientformer", "Attention", EfficientFormerAttention()),
+            ("timm.models.levit", "Attention", LevitAttention()),
+            ("timm.models.levit", "AttentionDownsample", LevitAttention())):
+        try:
+            out[getattr(importlib.import_module(module), name)] = adapter
+        except (ImportError, AttributeError):  # an older or newer timm without it
+            continue
+    return out
+
+
+def _torchvision_types() -> dict[type, _Adapter]:
+    try:
+        from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+    except ImportError:
+        return {}
+    return {ShiftedWindowAttention: TorchvisionWindowAttention(),
+            RelativePositionalMultiHeadAttention: TorchvisionMaxVitAttention()}
+
+
+_ADAPTERS: dict[type, _Adapter] = {
+    nn.MultiheadAttention: TorchMultiheadAttention(), **_timm_types(), **_torchvision_types()}
+
+
+def attention_adapter(m: nn.Module) -> _Adapter | None:
+    """The adapter for an attention module, or None if ``m`` is not one mdprune recognises.
+
+    A known type, or a subclass that keeps its forward (and so computes what the known type does).
+    """
+    for cls in type(m).__mro__:
+        adapter = _ADAPTERS.get(cls)
+        if adapter is not None:
+            return adapter if type(m).forward is cls.forward else None
+    return None
+
+
+def attention_layout(m: nn.Module) -> Layout:
+    """The layout of an attention module mdprune recognises."""
+    adapter = attention_adapter(m)
+    if adapter is None:
+        raise TypeError(f"{type(m).__name__} is not an attention module mdprune knows")
+    return adapter.layout(m)
+
+
+# ---- analysis ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Dims:
+    """The spaces of one attention module and the segments they make."""
+
+    h: int  # heads
+    q: int  # q/k width per head (rotary pairs when ``pairs``)
+    v: int  # v width per head
+    qk: RawSeg  # the rows of q (and of k): heads x q/k width
+    qk_cols: RawSeg  # the q/k columns of one head
+    hv: RawSeg  # heads x v width
+    eo: RawSeg  # output features
+    pairs: bool
+
+
+def analyse_attention(prop: Propagation, node: fx.Node, m: nn.Module) -> Any:
+    """The channel rule of an attention module: dimensions, bindings and ops from its layout."""
+    lay = attention_layout(m)
+    x, shape, uses_rope = _start(prop, node, m, lay)
+    d = _open(prop, node, lay, m, uses_rope and lay.rope is not None)
+    name = node.target
+    if lay.per_head:
+        _bind_per_head(prop, node, lay, x, d)
+    else:
+        _bind_projections(prop, node, lay, x, d.qk, d.hv)
+    prop.bind(f"{name}.{lay.proj}.weight", 0, (d.eo,), node, "out")
+    prop.bind(f"{name}.{lay.proj}.weight", 1, (d.hv,), node, "in")
+    if m.get_submodule(lay.proj).bias is not None:
+        prop.bind(f"{name}.{lay.proj}.bias", 0, (d.eo,), node, "out")
+    if lay.table is not None:
+        prop.bind(f"{name}.{lay.table}", lay.table_head_axis, (RawSeg((d.h,)),), node, "param")
+    for norm in (lay.q_norm, lay.k_norm):
+        if norm is not None:
+            _bind_norm(prop, node, m, norm, (d.qk_cols,), (d.q,))
+    if lay.norm is not None:
+        _bind_norm(prop, node, m, lay.norm, (d.hv,), (d.h, d.v))
+    _add_ops(prop, node, lay, m, x, _geometry(node, lay, shape), shape[-1], d)
+    prop.attention[name] = {"kind": lay.kind, "heads": d.h, "qk": d.q, "v": d.v}
+    out_shape = node.meta["mdp_shape"][0] if lay.returns_tuple else node.meta["mdp_shape"]
+    out = Chan(len(out_shape) - 1, (d.eo,))
+    return Several((out, None)) if lay.returns_tuple else out
+
+
+def _open(prop: Propagation, node: fx.Node, lay: Layout, m: nn.Module, pairs: bool) -> _Dims:
+    """Open the heads, q/k, v and output spaces. Under a rotary embedding q/k columns go in rotation pairs."""
+    name = node.target
+    if pairs and lay.qk_dim % 2:
+        raise AnalysisError(f"{where(node)}: rotary embedding over an odd q/k width {lay.qk_dim}")
+    h = prop.new_space(lay.heads, "heads", f"{name}.heads")
+    q = prop.new_space(lay.qk_dim // 2 if pairs else lay.qk_dim, "qk", f"{name}.qk")
+    v = prop.new_space(lay.v_dim, "v", f"{name}.v")
+    e = prop.new_space(m.get_submodule(lay.proj).out_features, "mlp", f"{name}.out")
+    if not pairs:
+        qk, cols = RawSeg((h, q)), RawSeg((q,))
+    elif lay.rope == "interleaved":  # rotation pairs are adjacent columns: pruned two by two
+        qk, cols = RawSeg((h, q), 2), RawSeg((q,), 2)
+    else:  # pairs are columns i and i + width/2: heads x halves x pairs
+        halves = prop.new_space(2, "qk", f"{name}.rope_halves", protected="rotary embedding halves")
+        qk, cols = RawSeg((h, halves, q)), RawSeg((halves, q))
+    return _Dims(h, q, v, qk, cols, RawSeg((h, v)), RawSeg((e,)), pairs)
+
+
+def _add_ops(prop: Propagation, node: fx.Node, lay: Layout, m: nn.Module, x: Chan, geo: dict[str, Any],
+             features: int, d: _Dims) -> None:
+    """The projections and the attention core, with the tokens and batch each runs over."""
+    name = node.target
+    lin = linear_fixed(prop, (geo["rows_batch"], geo["rows"] // geo["rows_batch"], features), False)
+    projs = [("q", lay.q, d.qk), ("k", lay.k, d.qk), ("v", lay.v, d.hv)]
+    if lay.gate is not None:
+        projs.append(("gate", lay.gate, d.hv))
+    for part, p, seg in projs:
+        prop.add_op(f"{name}.{part}", "linear", {"in": x.segs, "out": (seg,)}, {**lin, "bias": p.bias is not None},
+                    node)
+    core: dict[str, Any] = {"tokens": geo["tokens"], "batch": geo["batch"]}
+    if geo["batch"] != prop.batch and geo["batch"] % prop.batch == 0:
+        core["windows"] = geo["batch"] // prop.batch  # windows (or grids) per image
+    if lay.table is not None or geo["masked"]:
+        core["bias"] = True
+    if d.pairs:
+        core["rope"] = True
+    roles = {"heads": (RawSeg((d.h,)),), "qk": (RawSeg((d.q,), 2 if d.pairs else 1),), "v": (RawSeg((d.v,)),)}
+    prop.add_op(f"{name}.attn", "attention", roles, core, node)
+    prop.add_op(f"{name}.proj", "linear", {"in": (d.hv,), "out": (d.eo,)},
+                {**lin, "bias": m.get_submodule(lay.proj).bias is not None}, node)
+
+
+def analyse_levit(prop: Propagation, node: fx.Node, m: nn.Module, lay: Layout) -> Chan:
+    """LeViT's attention: whole heads of [q | k | v] (or [k | v] and a separate q) Linear + BatchNorm rows."""
+    x, shape, _ = _start(prop, node, m, lay)
+    d = _open(prop, node, lay, m, False)
+    for s in (d.q, d.v):
+        prop.spaces[s].protected.append(f"q, k and v interleaved head by head in {node.target}")
+    name, down = node.target, hasattr(m, "kv")
+    fused = "kv" if down else "qkv"
+    per_head = RawSeg((d.h,), lay.qk_dim * (1 if down else 2) + lay.v_dim)
+    _bind_linear_norm(prop, node, f"{name}.{fused}", (per_head,), x.segs)
+    if down:
+        _bind_linear_norm(prop, node, f"{name}.q.ln", (d.qk,), x.segs)
+    _bind_linear_norm(prop, node, f"{name}.proj.ln", (d.eo,), (d.hv,))
+    prop.bind(f"{name}.attention_biases", 0, (RawSeg((d.h,)),), node, "param")
+    n_k, n_q = shape[1], node.meta["mdp_shape"][1]
+    lin_k = linear_fixed(prop, (shape[0], n_k, shape[-1]), False)
+    lin_q = linear_fixed(prop, (shape[0], n_q, shape[-1]), False)
+    prop.add_op(f"{name}.{fused}", "linear", {"in": x.segs, "out": (per_head,)}, lin_k, node)
+    if down:
+        prop.add_op(f"{name}.q", "linear", {"in": x.segs, "out": (d.qk,)}, lin_q, node)
+    core = {"tokens": n_q, "batch": shape[0], "bias": True, **({"tokens_kv": n_k} if n_k != n_q else {})}
+    prop.add_op(f"{name}.attn", "attention", {"heads": (RawSeg((d.h,)),), "qk": (RawSeg((d.q,)),),
+                                              "v": (RawSeg((d.v,)),)}, core, node)
+    prop.add_op(f"{name}.proj", "linear", {"in": (d.hv,), "out": (d.eo,)}, {**lin_q, "rank": 3}, node)
+    prop.attention[name] = {"kind": lay.kind, "heads": d.h, "qk": d.q, "v": d.v}
+    return Chan(2, (d.eo,))
+
+
+def _bind_linear_norm(prop: Propagation, node: fx.Node, prefix: str, out: tuple[RawSeg, ...],
+                      inp: tuple[RawSeg, ...]) -> None:
+    """A Linear (no bias) followed by a BatchNorm over its outputs (timm's LinearNorm)."""
+    prop.bind(f"{prefix}.linear.weight", 0, out, node, "out")
+    prop.bind(f"{prefix}.linear.weight", 1, inp, node, "in")
+    for t, role in (("weight", "affine"), ("bias", "affine"), ("running_mean", "stat"), ("running_var", "stat")):
+        prop.bind(f"{prefix}.bn.{t}", 0, out, node, role)
+
+
+def _start(prop: Propagation, node: fx.Node, m: nn.Module, lay: Layout) -> tuple[Chan, tuple[int, ...], bool]:
+    """Refuse what the adapter does not cover; the input's channels and shape, and whether rope is passed."""
+    if lay.unsupported:
+        raise AnalysisError(f"{where(node)} ({type(m).__name__}) uses {', '.join(lay.unsupported)}, which "
+                            f"mdprune cannot prune. Pass ignored_layers=['{node.target}'] to keep it whole.")
+    if isinstance(getattr(m, "attention_bias_cache", None), dict):
+        m.attention_bias_cache = {}  # filled while shapes were recorded: would go stale when weights are loaded
+    call = _call(node, m)
+    x_arg = call.pop(next(iter(inspect.signature(m.forward).parameters)))
+    uses_rope = _check_call(prop, node, m, lay, call, x_arg)
+    x, shape = _input(prop, node, x_arg)
+    return x, shape, uses_rope
+
+
+def _call(node: fx.Node, m: nn.Module) -> dict[str, Any]:
+    """The call's arguments by parameter name (defaults filled in)."""
+    try:
+        bound = inspect.signature(m.forward).bind(*node.args, **node.kwargs)
+    except TypeError as e:
+        raise AnalysisError(f"{where(node)}: cannot read the call's arguments: {e}") from e
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _is_off(v: Any) -> bool:
+    return v is None or v is False
+
+
+def _check_call(prop: Propagation, node: fx.Node, m: nn.Module, lay: Layout, call: dict[str, Any], x: Any) -> bool:
+    """Refuse call options the slim module would not reproduce; return whether a rotary embedding is passed.
+
+    ``call``: the arguments after the input ``x``, by name.
+    """
+    uses_rope = False
+    for arg, value in call.items():
+        if arg in (lay.rope_arg, lay.mask_arg) and not _is_off(value):
+            if isinstance(prop.value(value), (Chan, Several)):
+                raise AnalysisError(f"{where(node)}: its {arg} argument carries channels; not supported")
+            uses_rope = uses_rope or arg == lay.rope_arg
+        elif lay.kind == "mha" and arg in ("key", "value"):
+            if value is not x:
+                raise AnalysisError(f"{where(node)}: only self-attention (query is key is value) is supported")
+        elif lay.kind == "mha" and arg in ("need_weights", "average_attn_weights"):
+            continue
+        elif not _is_off(value):
+            raise AnalysisError(f"{where(node)} ({type(m).__name__}) is called with {arg}={_show(value)}; "
+                                f"mdprune supports it only without. Pass ignored_layers=['{node.target}'] to keep "
+                                "it whole.")
+    if lay.kind == "mha":
+        _check_mha_users(node, call)
+    return uses_rope
+
+
+def _show(v: Any) -> str:
+    return f"the value of node {v.name}" if isinstance(v, fx.Node) else repr(v)
+
+
+def _check_mha_users(node: fx.Node, call: dict[str, Any]) -> None:
+    """The attention weights (item 1) may be taken only when nobody reads them or they are None anyway."""
+    weights_off = call.get("need_weights") is False
+    for user in node.users:
+        item = user.args[1] if user.op == "call_function" and len(user.args) == 2 else None
+        if item == 0 or (item == 1 and (weights_off or not user.users)):
+            continue
+        raise AnalysisError(f"{where(node)}: its attention weights are used (by node {user.name}); not supported")
+
+
 def _input(prop: Propagation, node: fx.Node, arg: Any) -> tuple[Chan, tuple[int, ...]]:
     v = prop.value(arg)
     shape = arg.meta.get("mdp_shape") if isinstance(arg, fx.Node) else None
-    if not isinstance(v, Chan) or v.axis != len(shape) - 1:
+    if not isinstance(v, Chan) or not isinstance(shape, tuple) or v.axis != len(shape) - 1:
         raise AnalysisError(f"{where(node)}: the attention input must carry features on its last axis")
     return v, shape
 
 
-def _open(prop: Propagation, node: fx.Node, kind: str, x: Chan, heads: int, head_dim: int, out: int,
-          tokens: int, batch: int, in_bias: bool, out_bias: bool, prefix: dict[str, str]) -> RawSeg:
-    """Open the H, Q, V and output spaces, bind the projections, and list the ops of one attention module."""
+def _geometry(node: fx.Node, lay: Layout, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Tokens per attention, attention batch (images x windows), rows through the projections."""
+    if lay.input == "seq_first":
+        n, b = shape[0], shape[1]
+        return {"tokens": n, "batch": b, "rows": n * b, "rows_batch": b, "masked": False}
+    if lay.input == "windows":
+        if len(shape) != 4:
+            raise AnalysisError(f"{where(node)}: expects an NHWC input, got shape {shape}")
+        (wh, ww), (b, hh, w) = lay.window, shape[:3]
+        ph, pw = hh + (wh - hh % wh) % wh, w + (ww - w % ww) % ww
+        shifted = (lay.shift[0] > 0 and wh < ph) or (lay.shift[1] > 0 and ww < pw)
+        nw = (ph // wh) * (pw // ww)
+        return {"tokens": wh * ww, "batch": b * nw, "rows": b * ph * pw, "rows_batch": b, "masked": shifted}
+    if len(shape) < 3:
+        raise AnalysisError(f"{where(node)}: expects (batch, tokens, features), got shape {shape}")
+    b = math.prod(shape[:-2])
+    return {"tokens": shape[-2], "batch": b, "rows": b * shape[-2], "rows_batch": shape[0],
+            "masked": lay.mask_arg is not None}
+
+
+def _bind_projections(prop: Propagation, node: fx.Node, lay: Layout, x: Chan, qk: RawSeg, hv: RawSeg) -> None:
+    """Bind q, k, v (and gate) weights and biases: each tensor's axis 0 is its parts in order."""
     name = node.target
-    h = prop.new_space(heads, "heads", f"{name}.heads")
-    q = prop.new_space(head_dim, "qk", f"{name}.qk")
-    v = prop.new_space(head_dim, "v", f"{name}.v")
-    e = prop.new_space(out, "mlp", f"{name}.out")
-    qk, hv, eo = RawSeg((h, q)), RawSeg((h, v)), RawSeg((e,))
-    prop.bind(prefix["in_w"], 0, (qk, qk, hv), node, "out")
-    prop.bind(prefix["in_w"], 1, x.segs, node, "in")
-    if in_bias:
-        prop.bind(prefix["in_b"], 0, (qk, qk, hv), node, "out")
-    prop.bind(prefix["out_w"], 0, (eo,), node, "out")
-    prop.bind(prefix["out_w"], 1, (hv,), node, "in")
-    if out_bias:
-        prop.bind(prefix["out_b"], 0, (eo,), node, "out")
-    lin = {"tokens": tokens, "batch": batch, "rank": 3}
-    prop.add_op(f"{name}.q", "linear", {"in": x.segs, "out": (qk,)}, {**lin, "bias": in_bias}, node)
-    prop.add_op(f"{name}.k", "linear", {"in": x.segs, "out": (qk,)}, {**lin, "bias": in_bias}, node)
-    prop.add_op(f"{name}.v", "linear", {"in": x.segs, "out": (hv,)}, {**lin, "bias": in_bias}, node)
-    prop.add_op(f"{name}.attn", "attention", {"heads": (RawSeg((h,)),), "qk": (RawSeg((q,)),),
-                                              "v": (RawSeg((v,)),)}, {"tokens": tokens, "batch": batch}, node)
-    prop.add_op(f"{name}.proj", "linear", {"in": (hv,), "out": (eo,)}, {**lin, "bias": out_bias}, node)
-    prop.attention[name] = {"kind": kind, "heads": h, "qk": q, "v": v}
-    return eo
+    parts: dict[str, dict[int, tuple[RawSeg, str]]] = {}
+    projs = [(lay.q, qk, "q"), (lay.k, qk, "k"), (lay.v, hv, "v")]
+    if lay.gate is not None:
+        projs.append((lay.gate, hv, "gate"))
+    for p, seg, what in projs:
+        parts.setdefault(p.weight, {})[p.part] = (seg, what)
+        if p.bias is not None:
+            parts.setdefault(p.bias, {})[p.bias_part] = (seg, what)
+    weights = {p.weight for p, _, _ in projs}
+    for tensor, by_part in parts.items():
+        if sorted(by_part) != list(range(len(by_part))):
+            raise AnalysisError(f"{where(node)}: tensor {tensor} holds parts {sorted(by_part)} of q, k, v")
+        whats = {w for _, w in by_part.values()}
+        role = "key" if whats == {"k"} else "gate" if whats == {"gate"} else "out"
+        prop.bind(f"{name}.{tensor}", 0, tuple(s for _, (s, _) in sorted(by_part.items())), node, role)
+        if tensor in weights:
+            prop.bind(f"{name}.{tensor}", 1, x.segs, node, "in")
 
 
-@dataclass(frozen=True)
-class TimmAttention:
-    """timm's ``Attention`` (ViT, DeiT, ...): fused qkv Linear, optional q/k norms, proj Linear."""
-
-    kind: str = "timm"
-
-    def analyse(self, prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
-        if any(a not in (None, False) for a in (*node.args[1:], *node.kwargs.values())):
-            raise AnalysisError(f"{where(node)} is called with an attention mask; not supported")
-        x, shape = _input(prop, node, node.args[0])
-        eo = _open(prop, node, self.kind, x, m.num_heads, m.head_dim, m.proj.out_features, shape[1], shape[0],
-                   m.qkv.bias is not None, m.proj.bias is not None,
-                   {"in_w": f"{node.target}.qkv.weight", "in_b": f"{node.target}.qkv.bias",
-                    "out_w": f"{node.target}.proj.weight", "out_b": f"{node.target}.proj.bias"})
-        dims = prop.attention[node.target]
-        if not isinstance(m.q_norm, nn.Identity) or not isinstance(m.k_norm, nn.Identity):
-            prop.spaces[dims["qk"]].protected.append(f"q/k normalisation in {node.target}")
-        if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
-            for d in ("heads", "v"):
-                prop.spaces[dims[d]].protected.append(f"output normalisation in {node.target}")
-        return Chan(len(shape) - 1, (eo,))
+def _bind_per_head(prop: Propagation, node: fx.Node, lay: Layout, x: Chan, d: _Dims) -> None:
+    """A fused weight laid out head by head: whole heads are pruned, q/k and v widths kept."""
+    name = node.target
+    seg = RawSeg((d.h,), 2 * lay.qk_dim + lay.v_dim)
+    prop.bind(f"{name}.{lay.q.weight}", 0, (seg,), node, "out")
+    prop.bind(f"{name}.{lay.q.weight}", 1, x.segs, node, "in")
+    if lay.q.bias is not None:
+        prop.bind(f"{name}.{lay.q.bias}", 0, (seg,), node, "out")
+    for s in (d.q, d.v):
+        prop.spaces[s].protected.append(f"q, k and v interleaved head by head in {name}")
 
 
-@dataclass(frozen=True)
-class TorchMultiheadAttention:
-    """``nn.MultiheadAttention`` used as self-attention (query, key and value the same tensor)."""
+def _bind_norm(prop: Propagation, node: fx.Node, m: nn.Module, attr: str, segs: tuple[RawSeg, ...],
+               spaces: tuple[int, ...]) -> None:
+    """A norm inside the module (per-head q/k norms, the norm of the merged heads) over ``segs``.
 
-    kind: str = "mha"
-
-    def analyse(self, prop: Propagation, node: fx.Node, m: nn.MultiheadAttention) -> Several:
-        args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value") if k in node.kwargs]
-        if len(args) < 3 or not (args[0] is args[1] is args[2]):
-            raise AnalysisError(f"{where(node)}: only self-attention (query is key is value) is supported")
-        extra = {k: v for k, v in node.kwargs.items() if k not in ("need_weights", "query", "key", "value")}
-        if len(node.args) > 3 or any(v is not None for v in extra.values()):
-            raise AnalysisError(f"{where(node)} is called with masks or options mdprune does not support")
-        for user in node.users:
-            if not (user.op == "call_function" and user.args[1] == 0 and len(user.args) == 2):
-                raise AnalysisError(f"{where(node)}: its attention weights are used; not supported")
-        x, shape = _input(prop, node, args[0])
-        tokens, batch = (shape[1], shape[0]) if m.batch_first else (shape[0], shape[1])
-        eo = _open(prop, node, self.kind, x, m.num_heads, m.head_dim, m.out_proj.out_features, tokens, batch,
-                   m.in_proj_bias is not None, m.out_proj.bias is not None,
-                   {"in_w": f"{node.target}.in_proj_weight", "in_b": f"{node.target}.in_proj_bias",
-                    "out_w": f"{node.target}.out_proj.weight", "out_b": f"{node.target}.out_proj.bias"})
-        return Several((Chan(len(shape) - 1, (eo,)), None))
-
-
-def _timm_attention() -> type | None:
-    try:
-        from timm.layers import Attention
-    except ImportError:
-        try:
-            from timm.models.vision_transformer import Attention
-        except ImportError:
-            return None
-    return Attention
-
-
-_TIMM_ATTENTION = _timm_attention()
-
-
-def attention_adapter(m: nn.Module) -> TimmAttention | TorchMultiheadAttention | None:
-    """The adapter for an attention module, or None if ``m`` is not one mdprune recognises."""
-    if _TIMM_ATTENTION is not None and type(m) is _TIMM_ATTENTION:
-        if getattr(m, "gate", None) is not None:
-            return None  # gated attention: analysed as an unknown leaf (named error)
-        return TimmAttention()
-    if type(m) is nn.MultiheadAttention:
-        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-            return None
-        return TorchMultiheadAttention()
-    return None
+    A LayerNorm over one axis normalises over the kept features (masked model: ``MaskedLayerNorm``; slim: a
+    smaller LayerNorm); any other norm keeps the dimensions it normalises over whole.
+    """
+    norm = m.get_submodule(attr)
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
+        for t in ("weight", "bias"):
+            if getattr(norm, t, None) is not None:
+                prop.bind(f"{node.target}.{attr}.{t}", 0, segs, node, "norm")
+        prop.normalized[f"{node.target}.{attr}"] = segs
+        return
+    for s in spaces:
+        prop.spaces[s].protected.append(f"{type(norm).__name__} over the heads in {node.target}")

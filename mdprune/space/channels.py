@@ -16,8 +16,9 @@ from typing import Any
 import torch.fx as fx
 
 from .attention import attention_adapter
-from .errors import AnalysisError, where
+from .errors import AnalysisError, Problem, owner, where
 from .functions import function_rule
+from .layouts import Layouts
 from .modules import module_rule
 from .values import Chan, ParamRef, RawSeg, Several
 
@@ -29,6 +30,10 @@ class SpaceInfo:
     name: str
     protected: list[str] = field(default_factory=list)
     normalized: bool = False
+    parts: tuple[int, ...] = ()  # a refined space: the spaces it was split into (see layouts.py) ...
+    concat: bool = False  # ... laid end to end, or (False) as a row-major product
+    repeat: int = 1  # each element appears this many times side by side in an op (a width per group: groups)
+    origin: int = -1  # the space whose creation this one dates from (a part: its parent's); names the class
 
 
 @dataclass
@@ -47,7 +52,7 @@ class RawPatch:
     segs: tuple[RawSeg, ...]
 
 
-class Propagation:
+class Propagation(Layouts):
     """Runs the channel rules over ``gm``'s graph. Rules call back into :meth:`new_space`, :meth:`bind`, ..."""
 
     def __init__(self, gm: fx.GraphModule, ignored: tuple[str, ...] = ()):
@@ -64,12 +69,16 @@ class Propagation:
         self.attention: dict[str, dict[str, int]] = {}
         self.info: dict[str, Any] = {}
         self.batch = 1
+        self.problems: list[Problem] = []  # what the analysis could not follow (each treated as opaque)
+        self.opaque_nodes: set[str] = set()  # nodes to treat as opaque without trying their rule
+        self.failed: set[str] = set()  # nodes treated as opaque, and values that lost their channels there
 
     # ---- union-find --------------------------------------------------------------------------------------
     def new_space(self, size: int, kind: str, name: str, protected: str | None = None) -> int:
-        self.parent.append(len(self.parent))
-        self.spaces.append(SpaceInfo(size, kind, name, [protected] if protected else []))
-        return len(self.parent) - 1
+        i = len(self.parent)
+        self.parent.append(i)
+        self.spaces.append(SpaceInfo(size, kind, name, [protected] if protected else [], origin=i))
+        return i
 
     def find(self, i: int) -> int:
         while self.parent[i] != i:
@@ -77,51 +86,45 @@ class Propagation:
             i = self.parent[i]
         return i
 
-    def _union(self, a: int, b: int, node: fx.Node) -> None:
+    def _union(self, a: int, b: int, node: fx.Node | None) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
         sa, sb = self.spaces[ra], self.spaces[rb]
         if sa.size != sb.size:
             raise AnalysisError(
-                f"{where(node)} ties channels of sizes {sa.size} ({sa.name}) and {sb.size} ({sb.name})")
-        keep, drop = (ra, rb) if ra < rb else (rb, ra)  # the earliest space names the group
+                f"{where(node) if node is not None else 'mdprune'} ties channels of sizes {sa.size} ({sa.name}) "
+                f"and {sb.size} ({sb.name})")
+        keep, drop = (ra, rb) if ra < rb else (rb, ra)
         self.parent[drop] = keep
         k, d = self.spaces[keep], self.spaces[drop]
         k.protected += d.protected
         k.normalized = k.normalized or d.normalized
         k.kind = _merge_kind(k.kind, d.kind)
-
-    def unify(self, a: tuple[RawSeg, ...], b: tuple[RawSeg, ...], node: fx.Node) -> None:
-        """Tie two segment lists element by element (they must have the same structure)."""
-        if a == b:
-            return
-        same = len(a) == len(b) and all(
-            len(x.spaces) == len(y.spaces) and x.inner == y.inner for x, y in zip(a, b, strict=True))
-        if not same:
-            raise AnalysisError(f"{where(node)} combines channel layouts mdprune cannot align: "
-                                f"{self.describe(a)} and {self.describe(b)}")
-        for x, y in zip(a, b, strict=True):
-            for i, j in zip(x.spaces, y.spaces, strict=True):
-                self._union(i, j, node)
+        k.repeat = math.gcd(k.repeat, d.repeat)
+        if d.origin < k.origin:  # the earliest created space names the group
+            k.name, k.origin = d.name, d.origin
+        if d.parts and k.parts:  # both refined: their refinements must agree
+            self.unify(_parts_layout(k), _parts_layout(d), node)
+        elif d.parts:
+            k.parts, k.concat = d.parts, d.concat
+        if k.parts:
+            self.push(keep)
 
     def protect(self, segs: tuple[RawSeg, ...], reason: str) -> None:
-        for s in segs:
+        for s in self.leaves(segs):
             for i in s.spaces:
                 self.spaces[self.find(i)].protected.append(reason)
 
     def roots(self, segs: tuple[RawSeg, ...]) -> tuple[tuple[tuple[int, ...], int], ...]:
-        """``segs`` with every space replaced by its union-find root (to compare layouts)."""
-        return tuple((tuple(self.find(i) for i in s.spaces), s.inner) for s in segs)
+        """``segs`` as unrefined union-find roots (to compare layouts)."""
+        return tuple((s.spaces, s.inner) for s in self.leaves(segs))
 
     def size(self, i: int) -> int:
         return self.spaces[self.find(i)].size
 
     def width(self, segs: tuple[RawSeg, ...]) -> int:
         return sum(math.prod(self.size(i) for i in s.spaces) * s.inner for s in segs)
-
-    def describe(self, segs: tuple[RawSeg, ...]) -> str:
-        return " + ".join("x".join(self.spaces[self.find(i)].name for i in s.spaces) for s in segs)
 
     # ---- records made by the rules -----------------------------------------------------------------------
     def bind(self, tensor: str, axis: int, segs: tuple[RawSeg, ...], node: fx.Node, role: str) -> None:
@@ -158,6 +161,27 @@ class Propagation:
             self.info[node.name] = self._visit(node)
 
     def _visit(self, node: fx.Node) -> Any:
+        """The node's value; a node mdprune cannot follow is recorded in ``problems`` and treated as opaque
+        (its channels kept whole), so one analysis finds every problem of a model. A failure caused by an earlier
+        one (its input lost its channels there) is not listed again."""
+        after_failure = any(a.name in self.failed for a in node.all_input_nodes)
+        if node.name in self.opaque_nodes:
+            self.failed.add(node.name)
+            return self._opaque(node, node.meta.get("mdp_shape"), f"unsupported {where(node)}")
+        try:
+            value = self._rule(node)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a named problem
+            text = str(e) if isinstance(e, AnalysisError) else \
+                f"{where(node)}: mdprune's rule failed ({type(e).__name__}: {e})"
+            if not after_failure:
+                self.problems.append(Problem(text, owner(node) or None, node.name))
+            self.failed.add(node.name)
+            return self._opaque(node, node.meta.get("mdp_shape"), f"unsupported {where(node)}")
+        if value is None and after_failure:  # e.g. a field of an unsupported op's tuple: still no channels
+            self.failed.add(node.name)
+        return value
+
+    def _rule(self, node: fx.Node) -> Any:
         shape = node.meta.get("mdp_shape")
         if node.op == "placeholder":
             return self._input(node, shape)
@@ -175,11 +199,12 @@ class Propagation:
                 return adapter.analyse(self, node, m)
             rule = module_rule(m)
             if rule is None:
-                raise AnalysisError(
-                    f"mdprune cannot analyse {where(node)} of type {type(m).__name__}: it does not know how "
-                    f"this layer treats channels. Pass ignored_layers=['{node.target}'] to keep it (and every "
-                    "channel it touches) unpruned.")
+                raise AnalysisError(f"mdprune cannot analyse {where(node)} of type {type(m).__name__}: it does not "
+                                    "know how this layer treats channels")
             return rule(self, node, m)
+        fn = getattr(node.target, "autograd_function", None) if node.op == "call_function" else None
+        if fn is not None:  # a custom autograd Function, kept as one call (its backward is its own)
+            return self._opaque(node, shape, f"custom autograd function {fn.__name__} ({where(node)})")
         return function_rule(self, node)
 
     def _input(self, node: fx.Node, shape: Any) -> Any:
@@ -197,17 +222,23 @@ class Propagation:
             for c in _chans(info):
                 self.protect(c.segs, "model output")
 
-    def _opaque(self, node: fx.Node, shape: Any) -> Any:
-        """An ignored layer: every channel entering or leaving it is kept whole."""
+    def _opaque(self, node: fx.Node, shape: Any, reason: str | None = None) -> Any:
+        """An ignored layer (or an op kept as it is): every channel entering or leaving it is kept whole."""
+        reason = reason or f"ignored layer {node.target}"
         for a in _flatten((node.args, node.kwargs)):
-            for c in _chans(self.value(a)):
-                self.protect(c.segs, f"ignored layer {node.target}")
+            v = self.value(a)
+            for c in _chans(v):
+                self.protect(c.segs, reason)
+            if isinstance(v, ParamRef):  # a tensor used as it is: keep what is bound of it whole
+                for segs in self.bindings.get(v.tensor, {}).values():
+                    self.protect(segs, reason)
+        label = node.target if node.op == "call_module" else node.name
 
         def out(s: Any) -> Any:
             if not isinstance(s, tuple) or len(s) < 2:
                 return None
             axis = 1 if len(s) == 4 else len(s) - 1
-            sid = self.new_space(s[axis], "channel", f"{node.target}:out", f"ignored layer {node.target}")
+            sid = self.new_space(s[axis], "channel", f"{label}:out", reason)
             return Chan(axis, (RawSeg((sid,)),))
 
         if isinstance(shape, list):
@@ -216,6 +247,10 @@ class Propagation:
 
 
 _KIND_ORDER = ("embed", "heads", "qk", "v", "mlp", "channel", "linear", "input")
+
+
+def _parts_layout(info: SpaceInfo) -> tuple[RawSeg, ...]:
+    return tuple(RawSeg((p,)) for p in info.parts) if info.concat else (RawSeg(info.parts),)
 
 
 def _merge_kind(a: str, b: str) -> str:

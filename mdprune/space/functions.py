@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from .errors import AnalysisError, where
-from .values import Chan, ParamRef, Several
+from .splits import SPLIT_RULES, keep_whole, reshape_channels, several_items, slice_channels
+from .values import Chan, ParamRef, RawSeg, Several
 
 if TYPE_CHECKING:
     from .channels import Propagation
@@ -84,11 +86,13 @@ def function_rule(prop: Propagation, node: fx.Node) -> Any:
         return prop.value(node.args[0])
     if name in SHAPE:
         return None
-    if not _touches_channels(prop, node):
-        return None  # computation that never sees channels (positions, masks, shapes)
-    raise AnalysisError(
-        f"mdprune does not know how {where(node)} treats channels. Pass the enclosing module in "
-        "ignored_layers to keep it (and every channel it touches) unpruned.")
+    return unknown(prop, node)
+
+
+def unknown(prop: Propagation, node: fx.Node) -> None:
+    """An op without a rule: fine if it never sees channels (positions, masks, shapes), else an error."""
+    if _touches_channels(prop, node):
+        raise AnalysisError(f"mdprune does not know how {where(node)} treats channels")
 
 
 # ---- helpers shared with module rules ------------------------------------------------------------------------
@@ -122,6 +126,17 @@ def flatten_value(prop: Propagation, node: fx.Node, arg: Any, start: int, end: i
     if any(shape[i] != 1 for i in range(start, v.axis)):
         raise AnalysisError(f"{where(node)} flattens axes before the channel axis into it; not supported")
     return Chan(start, v.widened(math.prod(shape[v.axis + 1:end + 1])).segs)
+
+
+NODE_KEY = "node:"  # prefix of a ``PruningSpace.normalized`` key that names a function call, not a module
+
+
+def mark_normalized(prop: Propagation, key: str, segs: tuple[RawSeg, ...]) -> None:
+    """Record a LayerNorm over the channels ``segs`` (``key``: its module, or ``NODE_KEY`` + its node's name)."""
+    prop.normalized[key] = segs
+    for s in segs:
+        for i in s.spaces:
+            prop.spaces[prop.find(i)].normalized = True
 
 
 def _norm_dims(d: Any, n: int) -> list[int]:
@@ -166,8 +181,8 @@ def _binary(prop: Propagation, node: fx.Node) -> Any:
 def _cat(prop: Propagation, node: fx.Node) -> Any:
     tensors = _arg(node, 0, "tensors")
     dim = _arg(node, 1, "dim", 0)
-    vals = [prop.value(t) for t in tensors]
-    shapes = [_shape(t) for t in tensors]
+    items = several_items(prop, tensors)  # torch.cat(x.chunk(2)): a tuple-valued node
+    vals, shapes = items if items is not None else ([prop.value(t) for t in tensors], [_shape(t) for t in tensors])
     n = len(shapes[0])
     dim %= n
     chans = [(v, s) for v, s in zip(vals, shapes, strict=True) if isinstance(v, Chan)]
@@ -176,18 +191,34 @@ def _cat(prop: Propagation, node: fx.Node) -> Any:
             raise AnalysisError(f"{where(node)} concatenates parameters; not supported")
         return None
     axis = chans[0][0].axis
-    if all(isinstance(v, Chan) and v.axis == dim for v in vals):
-        return Chan(dim, tuple(s for v in vals for s in v.segs))
-    if axis == dim or any(v.axis != axis for v, _ in chans):
-        raise AnalysisError(f"{where(node)} concatenates along channels with inputs mdprune cannot follow")
+    if any(v.axis != axis for v, _ in chans):  # channels on different axes: nothing to line up
+        what = "concatenates tensors whose channels lie on different axes"
+        for v, _ in chans[1:]:
+            prop.protect(v.segs, f"{where(node)} {what}")
+        return keep_whole(prop, node, chans[0][0], node.meta["mdp_shape"][axis], what)
+    if axis == dim:
+        return Chan(dim, tuple(s for v, sh in zip(vals, shapes, strict=True)
+                               for s in _cat_part(prop, node, v, sh, dim)))
     for v, _ in chans[1:]:
         prop.unify(chans[0][0].segs, v.segs, node)
     for v in vals:
-        if isinstance(v, ParamRef):
+        if isinstance(v, ParamRef) and v.axes[axis] is not None:
             prop.bind(v.tensor, v.axes[axis], chans[0][0].segs, node, "param")
-        elif not isinstance(v, Chan):
-            raise AnalysisError(f"{where(node)} concatenates channels with a tensor mdprune cannot follow")
+        elif not isinstance(v, Chan):  # a tensor made in the code (its width a literal): keep the channels whole
+            prop.protect(chans[0][0].segs, f"{where(node)} concatenates channels with a tensor mdprune cannot follow")
     return chans[0][0]
+
+
+def _cat_part(prop: Propagation, node: fx.Node, v: Any, shape: tuple[int, ...], dim: int) -> tuple[RawSeg, ...]:
+    """The segments one input adds to a concatenation along channels (a new space for a channel-free input)."""
+    if isinstance(v, Chan):
+        return v.segs
+    if isinstance(v, ParamRef) and v.axes[dim] is not None:  # a parameter's own channels: a dimension of its own
+        sid = prop.new_space(shape[dim], "channel", f"{v.tensor}")
+        prop.bind(v.tensor, v.axes[dim], (RawSeg((sid,)),), node, "param")
+        return (RawSeg((sid,)),)
+    reason = f"{where(node)} concatenates channels made in the code (their number is a literal)"
+    return (RawSeg((prop.new_space(shape[dim], "channel", node.name, protected=reason),)),)
 
 
 def _flatten(prop: Propagation, node: fx.Node) -> Any:
@@ -238,13 +269,7 @@ def _reshape(prop: Propagation, node: fx.Node) -> Any:
     if src[v.axis] == 1:
         raise AnalysisError(f"{where(node)} reshapes a single-channel axis; not supported")
     ga, gb = next((ga, gb) for ga, gb in groups if v.axis in ga)
-    if len(gb) != 1 or ga[0] != v.axis:
-        raise AnalysisError(f"{where(node)} splits or interleaves the channel axis; not supported")
-    new = Chan(gb[0], v.widened(math.prod(src[i] for i in ga[1:])).segs)
-    args = _shape_args(node)
-    if len(args) == len(out) and isinstance(args[gb[0]], int) and args[gb[0]] != -1:
-        prop.patch(node, gb[0], new.segs)  # a literal width in the code: rewritten when slimming
-    return new
+    return reshape_channels(prop, node, v, src, out, ga, gb, _shape_args(node))
 
 
 def _permute_value(v: Any, order: list[int]) -> Any:
@@ -310,7 +335,7 @@ def _getitem(prop: Propagation, node: fx.Node) -> Any:
     base, idx = node.args
     v = prop.value(base)
     if isinstance(v, Several):
-        return v.items[idx]
+        return Several(tuple(v.items[idx])) if isinstance(idx, slice) else v.items[idx]
     if not isinstance(v, (Chan, ParamRef)):
         return None
     src = _shape(base)
@@ -326,7 +351,7 @@ def _getitem(prop: Propagation, node: fx.Node) -> Any:
             expanded.append(i)
     expanded += [slice(None)] * (len(src) - sum(1 for i in expanded if i is not None))
     axes_out: list[int | None] = []  # for each output axis: the source axis (None: added)
-    k = 0
+    k, cut = 0, None
     for i in expanded:
         if i is None:
             axes_out.append(None)
@@ -334,13 +359,26 @@ def _getitem(prop: Propagation, node: fx.Node) -> Any:
         if isinstance(i, slice):
             axes_out.append(k)
             if isinstance(v, Chan) and k == v.axis and i != slice(None):
-                raise AnalysisError(f"{where(node)} slices the channel axis; not supported")
+                cut = i
         elif isinstance(v, Chan) and k == v.axis:
-            raise AnalysisError(f"{where(node)} picks single channels; not supported")
+            prop.protect(v.segs, f"{where(node)} picks single channels")
+            return None
         k += 1
-    if isinstance(v, Chan):
-        return v.moved(axes_out.index(v.axis))
-    return ParamRef(v.tensor, tuple(None if a is None else v.axes[a] for a in axes_out))
+    if isinstance(v, ParamRef):
+        return ParamRef(v.tensor, tuple(None if a is None else v.axes[a] for a in axes_out))
+    axis = axes_out.index(v.axis)
+    if cut is None:
+        return v.moved(axis)
+    if not all(isinstance(b, (int, type(None))) for b in (cut.start, cut.stop, cut.step)):
+        return keep_whole(prop, node, v.moved(axis), node.meta["mdp_shape"][axis], "slices channels at computed "
+                          "positions")
+    start, stop, step = cut.indices(src[v.axis])
+    if (start, stop, step) == (0, src[v.axis], 1):
+        return v.moved(axis)
+    if step != 1 or any(i is not cut and i != slice(None) for i in expanded):  # more than a channel range
+        return keep_whole(prop, node, v.moved(axis), node.meta["mdp_shape"][axis], "slices channels with a step "
+                          "or along with other axes")
+    return slice_channels(prop, node, v, src[v.axis], start, max(start, stop))
 
 
 def _reduce(prop: Propagation, node: fx.Node) -> Any:
@@ -388,3 +426,108 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "softmax": _softmax,
     "log_softmax": _softmax,
 }
+_RULES.update(SPLIT_RULES)
+
+
+# ---- norms called as functions (inside a norm module mdprune traces into) -------------------------------------
+
+# argument names of the norm functions, in order (torch.batch_norm orders its tensors unlike F.batch_norm)
+_NORM_ARGS: dict[Any, tuple[str, ...]] = {
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    torch.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"),
+    F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
+    torch.group_norm: ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"),
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+                       "cudnn_enabled"),
+}
+
+
+def _norm_args(prop: Propagation, node: fx.Node) -> dict[str, Any] | None:
+    """The norm call's arguments by name, its first two made positional (so a literal can be patched);
+    None for a function of that name mdprune does not know."""
+    names = _NORM_ARGS.get(node.target)
+    if names is None:
+        unknown(prop, node)
+        return None
+    args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    if len(node.args) < 2:
+        node.args = (args[names[0]], args[names[1]])
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in names[:2]}
+    return args
+
+
+def _bind_param(prop: Propagation, node: fx.Node, arg: Any, segs: tuple[RawSeg, ...], role: str) -> None:
+    """Bind a norm's per-channel tensor argument (a parameter or buffer, maybe cast) to the channels ``segs``."""
+    if arg is None:
+        return
+    v = prop.value(arg)
+    if not isinstance(v, ParamRef) or len(v.axes) != 1 or v.axes[0] is None:
+        raise AnalysisError(f"{where(node)} takes a per-channel tensor ({getattr(arg, 'name', arg)}) that is not "
+                            "a parameter or buffer of the model; not supported")
+    prop.bind(v.tensor, v.axes[0], segs, node, role)
+
+
+def _norm_input(prop: Propagation, node: fx.Node, a: dict[str, Any], axis: int) -> Chan | None:
+    v = prop.value(a["input"])
+    if isinstance(v, Chan):
+        if v.axis != axis % len(_shape(a["input"])):
+            raise AnalysisError(f"{where(node)} expects channels on axis {axis}, but they are on axis {v.axis}")
+        return v
+    if v is not None or _touches_channels(prop, node):
+        raise AnalysisError(f"{where(node)} normalises a tensor mdprune cannot follow")
+    return None
+
+
+def _layer_norm(prop: Propagation, node: fx.Node) -> Any:
+    if (a := _norm_args(prop, node)) is None:
+        return None
+    x, shape, ns = prop.value(a["input"]), _shape(a["input"]), a["normalized_shape"]
+    if not isinstance(ns, (int, tuple, list)) or not all(isinstance(d, int) for d in ([ns] if isinstance(ns, int)
+                                                                                       else ns)):
+        raise AnalysisError(f"{where(node)} computes its normalized_shape at run time; not supported")
+    k = 1 if isinstance(ns, int) else len(ns)
+    if isinstance(x, Chan) and x.axis < len(shape) - k:  # normalises each channel on its own
+        if any(isinstance(prop.value(a.get(t)), Chan) for t in ("weight", "bias")):
+            raise AnalysisError(f"{where(node)} scales by a tensor carrying channels; not supported")
+        return x
+    if (x := _norm_input(prop, node, a, -1)) is None:
+        return None
+    if k != 1:
+        raise AnalysisError(f"{where(node)} normalises over the channels and {k - 1} more axes; not supported")
+    for t in ("weight", "bias"):
+        _bind_param(prop, node, a.get(t), x.segs, "norm")
+    prop.patch(node, 0, x.segs)  # the literal normalized_shape: rewritten when slimming
+    mark_normalized(prop, NODE_KEY + node.name, x.segs)
+    return x
+
+
+def _group_norm(prop: Propagation, node: fx.Node) -> Any:
+    if (a := _norm_args(prop, node)) is None or (x := _norm_input(prop, node, a, 1)) is None:
+        return None
+    groups, channels = a["num_groups"], _shape(a["input"])[1]
+    for t in ("weight", "bias"):
+        _bind_param(prop, node, a.get(t), x.segs, "affine")
+    if groups == channels and isinstance(groups, int):  # each channel normalised alone
+        prop.patch(node, 0, x.segs)  # the literal num_groups follows the width
+    else:
+        prop.protect(x.segs, f"{where(node)}: group_norm with {groups} groups of {channels} channels")
+    return x
+
+
+def _batch_norm(prop: Propagation, node: fx.Node) -> Any:
+    if (a := _norm_args(prop, node)) is None or (x := _norm_input(prop, node, a, 1)) is None:
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = next(reversed(stack.values()))[1] if stack else None
+    if isinstance(owner, type) and issubclass(owner, torch.nn.modules.batchnorm._BatchNorm) \
+            and not isinstance(a.get("training"), fx.Node):
+        raise AnalysisError(
+            f"{where(node)}: {owner.__name__} is a BatchNorm with its own forward, which mdprune had to trace "
+            "in eval mode; the traced copy would never use batch statistics in training")
+    for t, role in (("weight", "affine"), ("bias", "affine"), ("running_mean", "stat"), ("running_var", "stat")):
+        _bind_param(prop, node, a.get(t), x.segs, role)
+    return x
+
+
+_RULES.update({"layer_norm": _layer_norm, "group_norm": _group_norm, "batch_norm": _batch_norm})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -10,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import AnalysisError, where
-from .functions import elementwise_along, flatten_value
+from .functions import elementwise_along, flatten_value, mark_normalized
 from .values import Chan, RawSeg
 
 if TYPE_CHECKING:
@@ -21,23 +23,30 @@ Rule = Callable[["Propagation", fx.Node, nn.Module], Any]
 # Element-wise modules: every channel maps to itself.
 _PASS = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
-    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.CELU, nn.SELU, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.AlphaDropout,
 )
 # Spatial modules on NCHW tensors: channels stay on axis 1.
 _SPATIAL = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d,
 )
+# Library modules that are element-wise by construction (activations, drop layers); their own forwards call
+# helpers or autograd Functions, so they are named here rather than traced.
+_LIBRARY_PASS = (
+    "timm.layers.DropPath", "torchvision.ops.StochasticDepth",
+    *(f"timm.layers.activations.{n}" for n in (
+        "Swish", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish", "PReLU", "GELU", "GELUTanh",
+        "QuickGELU")),
+    *(f"timm.layers.activations_me.{n}" for n in ("SwishMe", "MishMe", "HardSigmoidMe", "HardSwishMe", "HardMishMe")),
+)
 
 
-def _timm_types() -> dict[str, type]:
+def _import(path: str) -> type | None:
+    module, _, name = path.rpartition(".")
     try:
-        from timm.layers import DropPath, LayerNorm, LayerScale
-    except ImportError:  # timm is optional at analysis time
-        return {}
-    return {"DropPath": DropPath, "LayerNorm": LayerNorm, "LayerScale": LayerScale}
-
-
-_TIMM = _timm_types()
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # optional libraries, other versions
+        return None
 
 
 def chan_input(prop: Propagation, node: fx.Node, what: str) -> tuple[Chan, tuple[int, ...]]:
@@ -65,9 +74,7 @@ def _conv2d(prop: Propagation, node: fx.Node, m: nn.Conv2d) -> Chan:
     elif depthwise:
         out = x.segs  # a depthwise convolution keeps its input's channels
     else:
-        reason = f"grouped convolution {name} (groups={m.groups})"
-        prop.protect(x.segs, reason)
-        out = (RawSeg((prop.new_space(m.out_channels, "channel", name, protected=reason),)),)
+        out = _grouped(prop, node, m, x)
     prop.bind(f"{name}.weight", 0, out, node, "out")
     if m.bias is not None:
         prop.bind(f"{name}.bias", 0, out, node, "out")
@@ -79,6 +86,29 @@ def _conv2d(prop: Propagation, node: fx.Node, m: nn.Conv2d) -> Chan:
     }
     prop.add_op(name, "conv2d", {"in": x.segs, "out": out}, fixed, node)
     return Chan(1, out)
+
+
+def _grouped(prop: Propagation, node: fx.Node, m: nn.Conv2d, x: Chan) -> tuple[RawSeg, ...]:
+    """A grouped convolution: channels are groups x width per group (group-major) on both sides.
+
+    The group count is fixed; the width per group is a dimension on each side (the same count kept in every
+    group). The input's layout is refined to match (a 1x1 convolution's output becomes groups x width).
+    """
+    name, g = node.target, m.groups
+    groups = prop.new_space(g, "channel", f"{name}:groups", protected=f"group count of {name} (groups={g})")
+
+    def per_group(width: int, label: str) -> tuple[int, ...]:
+        if width == 1:
+            return (groups,)
+        w = prop.new_space(width, "channel", label)
+        prop.spaces[w].repeat = g
+        return (groups, w)
+
+    inp = per_group(m.in_channels // g, f"{name}:in")
+    prop.unify(x.segs, (RawSeg(inp),), node)
+    if len(inp) == 2:
+        prop.bind(f"{name}.weight", 1, (RawSeg(inp[1:]),), node, "in")
+    return (RawSeg(per_group(m.out_channels // g, name)),)
 
 
 def _padding(m: nn.Conv2d) -> Any:
@@ -107,12 +137,31 @@ def _linear(prop: Propagation, node: fx.Node, m: nn.Linear) -> Chan:
     return Chan(len(in_shape) - 1, out)
 
 
-def _batchnorm(prop: Propagation, node: fx.Node, m: nn.modules.batchnorm._BatchNorm) -> Chan:
+def _per_channel(prop: Propagation, node: fx.Node, m: nn.Module, roles: dict[str, str]) -> Chan:
+    """A norm whose tensors (``roles``: name -> role) each hold one value per channel of axis 1."""
     x, shape = chan_input(prop, node, "channels")
     _require_axis(node, x, 1, shape, "channels")
-    for t in ("weight", "bias", "running_mean", "running_var"):
+    for t, role in roles.items():
         if getattr(m, t, None) is not None:
-            prop.bind(f"{node.target}.{t}", 0, x.segs, node, "affine" if t in ("weight", "bias") else "stat")
+            prop.bind(f"{node.target}.{t}", 0, x.segs, node, role)
+    return x
+
+
+def _batchnorm(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
+    return _per_channel(prop, node, m, {"weight": "affine", "bias": "affine", "running_mean": "stat",
+                                        "running_var": "stat"})
+
+
+def _frozen_batchnorm(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
+    """torchvision's / timm's FrozenBatchNorm2d: buffers only, so no gradient reads them (role ``stat``)."""
+    return _per_channel(prop, node, m, dict.fromkeys(("weight", "bias", "running_mean", "running_var"), "stat"))
+
+
+def _groupnorm(prop: Propagation, node: fx.Node, m: nn.GroupNorm) -> Chan:
+    """One group per channel normalises each channel alone; other groupings keep the channels whole."""
+    x = _per_channel(prop, node, m, {"weight": "affine", "bias": "affine"})
+    if m.num_groups != m.num_channels:
+        prop.protect(x.segs, f"GroupNorm {node.target} ({m.num_groups} groups of {m.num_channels} channels)")
     return x
 
 
@@ -124,10 +173,7 @@ def _layernorm(prop: Propagation, node: fx.Node, m: nn.LayerNorm) -> Chan:
     for t in ("weight", "bias"):
         if getattr(m, t, None) is not None:
             prop.bind(f"{node.target}.{t}", 0, x.segs, node, "norm")
-    prop.normalized[node.target] = x.segs
-    for s in x.segs:
-        for i in s.spaces:
-            prop.spaces[prop.find(i)].normalized = True
+    mark_normalized(prop, node.target, x.segs)
     return x
 
 
@@ -136,6 +182,21 @@ def _layerscale(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
     _require_axis(node, x, -1, shape, "features")
     prop.bind(f"{node.target}.gamma", 0, x.segs, node, "affine")
     return x
+
+
+def _layerscale2d(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
+    return _per_channel(prop, node, m, {"gamma": "affine"})
+
+
+def _norm_act(norm: Rule) -> Rule:
+    """timm's norm + drop + activation modules: the norm's rule; their drop and act pass channels through."""
+
+    def rule(prop: Propagation, node: fx.Node, m: nn.Module) -> Any:
+        return norm(prop, node, m)
+
+    rule.__name__ = f"{norm.__name__}_act"
+    rule.norm_act = True  # type: ignore[attr-defined]  # module_rule checks its drop and act
+    return rule
 
 
 def _passthrough(prop: Propagation, node: fx.Node, m: nn.Module) -> Any:
@@ -161,30 +222,77 @@ def _softmax(prop: Propagation, node: fx.Node, m: nn.Softmax) -> Any:
     return elementwise_along(prop, node, node.args[0], m.dim)
 
 
+# Library types a rule knows although their classes override forward (same computation: timm's Linear and
+# LayerNorm; norm + drop + act modules whose drop and act are parameter-free pass-throughs).
+_LIBRARY: dict[str, Rule] = {
+    "timm.layers.Linear": _linear,  # casts its weight's dtype when scripted
+    "timm.layers.LayerNorm": _layernorm,
+    "timm.layers.GroupNorm": _groupnorm,
+    "timm.layers.GroupNorm1": _groupnorm,
+    "timm.layers.LayerScale": _layerscale,
+    "timm.layers.LayerScale2d": _layerscale2d,
+    "torchvision.ops.misc.FrozenBatchNorm2d": _frozen_batchnorm,
+    "timm.layers.norm_act.BatchNormAct2d": _norm_act(_batchnorm),
+    "timm.layers.norm_act.SyncBatchNormAct": _norm_act(_batchnorm),
+    "timm.layers.norm_act.FrozenBatchNormAct2d": _norm_act(_frozen_batchnorm),
+    "timm.layers.norm_act.GroupNormAct": _norm_act(_groupnorm),
+    "timm.layers.norm_act.GroupNorm1Act": _norm_act(_groupnorm),
+    "timm.layers.norm_act.LayerNormAct": _norm_act(_layernorm),
+    **dict.fromkeys(_LIBRARY_PASS, _passthrough),
+}
+# nn.Module's own methods do not change what a forward computes, except these
+_MODULE_API = frozenset(dir(nn.Module)) - {"forward", "__call__", "_call_impl", "_wrapped_call_impl", "__getattr__",
+                                           "__getattribute__"}
+_HARMLESS = frozenset({"reset_parameters", "reset_running_stats", "_check_input_dim"})  # set-up and checks only
+
+
+@functools.cache
+def _rules() -> dict[type, Rule]:
+    """Classes with a rule: torch's base classes, and the library classes importable here."""
+    rules: dict[type, Rule] = {
+        nn.Conv2d: _conv2d, nn.Linear: _linear, nn.modules.batchnorm._BatchNorm: _batchnorm,
+        nn.SyncBatchNorm: _batchnorm, nn.GroupNorm: _groupnorm, nn.LayerNorm: _layernorm,
+        nn.Flatten: _flatten_module, nn.Softmax: _softmax,
+    }
+    rules.update(dict.fromkeys(_PASS, _passthrough))
+    rules.update(dict.fromkeys(_SPATIAL, _spatial))
+    for path, rule in _LIBRARY.items():
+        if (t := _import(path)) is not None:
+            rules[t] = rule
+    return rules
+
+
+def _covers(cls: type, base: type) -> bool:
+    """Whether ``cls`` runs ``base``'s computation: it overrides no method of ``base`` that a forward may use."""
+    for k in cls.__mro__[:cls.__mro__.index(base)]:
+        for name, v in vars(k).items():
+            method = callable(v) or isinstance(v, (staticmethod, classmethod, property))
+            if method and hasattr(base, name) and name not in _MODULE_API and name not in _HARMLESS:
+                return False
+    return True
+
+
+def _elementwise(m: nn.Module | None) -> bool:
+    return m is None or (module_rule(m) is _passthrough and next(m.parameters(), None) is None)
+
+
 def module_rule(m: nn.Module) -> Rule | None:
-    """The channel rule of a leaf module, or None if mdprune does not know it."""
-    t = type(m)
-    if t is nn.Conv2d:
-        return _conv2d
-    if t is nn.Linear or t is nn.modules.linear.NonDynamicallyQuantizableLinear:
-        return _linear
-    if t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm):
-        return _batchnorm
-    if t is nn.LayerNorm or t is _TIMM.get("LayerNorm"):
-        return _layernorm
-    if t is _TIMM.get("LayerScale"):
-        return _layerscale
-    if t in _PASS or t is _TIMM.get("DropPath"):
-        return _passthrough
-    if t in _SPATIAL:
-        return _spatial
-    if t is nn.Flatten:
-        return _flatten_module
-    if t is nn.Softmax:
-        return _softmax
-    return None
+    """The channel rule of a leaf module, or None if mdprune does not know it.
+
+    A class matches the rule of its nearest ancestor that has one, provided it overrides nothing that ancestor's
+    forward uses; other subclasses (a BatchNorm whose forward adds an activation, ...) are traced into.
+    """
+    rules = _rules()
+    cls = type(m)
+    base = next((k for k in cls.__mro__ if k in rules), None)
+    if base is None or not _covers(cls, base):
+        return None
+    rule = rules[base]
+    if getattr(rule, "norm_act", False) and not all(_elementwise(getattr(m, a, None)) for a in ("drop", "act")):
+        return None  # a norm + activation whose activation mdprune does not know: traced into
+    return rule
 
 
 def is_known_leaf(m: nn.Module) -> bool:
-    """Modules traced as one node: those with a rule (exact types, so a subclass's own forward is traced)."""
+    """Modules traced as one node: those with a rule (a subclass with its own forward is traced into)."""
     return module_rule(m) is not None

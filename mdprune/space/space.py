@@ -38,9 +38,17 @@ DEFAULT_STEPS: dict[str, int] = {
 MAX_CHOICES = 16
 
 
-def default_step(kind: str, size: int, max_choices: int = MAX_CHOICES) -> int:
-    """The kind's base step, doubled until ``size`` has at most ``max_choices`` widths."""
-    step = DEFAULT_STEPS.get(kind, 1)
+def default_step(kind: str, size: int, max_choices: int = MAX_CHOICES, repeat: int = 1) -> int:
+    """The kind's base step, doubled until ``size`` has at most ``max_choices`` widths.
+
+    ``repeat``: how many times the dimension's width is taken in the ops using it (a grouped convolution's
+    width per group: its group count); the base step shrinks so that the op's width stays aligned, and halves
+    until the width per group has a choice at all.
+    """
+    base = DEFAULT_STEPS.get(kind, 1)
+    step = base // math.gcd(base, repeat)
+    while repeat > 1 and 1 < size <= step:
+        step //= 2
     while size / step > max_choices and step < size:
         step *= 2
     return step

@@ -39,6 +39,7 @@ class RunConfig:
     lut: str | None = None
     steps: dict[str, int] = field(default_factory=dict)
     ignored_layers: list[str] = field(default_factory=list)
+    unsupported: str = "error"  # "keep": modules mdprune cannot analyse are kept whole (mdprune.analyze)
     bn_batches: int = 50
     solver_time_limit: float = 60.0
     verify_rounds: int = 2  # re-solves while the final plan's measured latency misses the budget (-1: no check)

@@ -25,8 +25,8 @@ from ..budget_check import solve_within_measured_budget
 from ..importance import ImportanceAccumulator
 from ..latency import Backend, LatencyModel, measure_models
 from ..models import load_checkpoint
+from ..one_call import calibrated_model, check_budget, open_lut, parse_budget
 from ..progress import progress_bar
-from ..prune import calibrated_model, check_budget, open_lut, parse_budget
 from ..solve import InfeasibleBudget
 from ..solve.from_space import smallest_latency, solve_plan
 from ..space import PruningSpace, analyze
@@ -91,7 +91,8 @@ class PruneRun:
             load_checkpoint(self.model, cfg.checkpoint)
         self.model.to(self.d.device)
         x = self.train_ds[0][0].unsqueeze(0).to(self.d.device)
-        self.space: PruningSpace = analyze(self.model, x, steps=cfg.steps, ignored_layers=cfg.ignored_layers)
+        self.space: PruningSpace = analyze(self.model, x, steps=cfg.steps, ignored_layers=cfg.ignored_layers,
+                                           unsupported=cfg.unsupported)
         self.train_loader = loader(self.train_ds, cfg.train.batch_size, True, cfg.workers, cfg.seed,
                                    self.d.enabled)
         self.val_loader = loader(self.val_ds, 256, False, cfg.workers)

@@ -146,6 +146,7 @@ def prune(
     space: PruningSpace | None = None,
     steps: Mapping[str, int] | None = None,
     ignored_layers: Iterable[str] = (),
+    unsupported: str = "error",
     importance_batches: int = 32,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     mode: str = "table",
@@ -168,6 +169,8 @@ def prune(
         data: ``(inputs, targets)`` batches for importance (``importance_batches`` of them); or give ``scores``.
         device: where importance is computed. Latency is measured on ``settings.device`` (default: ``device``).
         lut: latency table, table file or cache directory (default ``~/.cache/mdprune/lut``).
+        ignored_layers, unsupported: modules to keep whole, and what to do with those mdprune cannot analyse
+            (``"error"`` or ``"keep"``), as in :func:`mdprune.analyze`.
         mode: ``"table"`` (MDP's multi-dimensional tables) or ``"linear"`` (HALP's model; ablation).
         blocks: allow removing whole residual blocks (``False``: channels only; ablation).
         params, macs: optional extra budgets, ``"60%"`` of the dense count or an absolute count.
@@ -192,7 +195,8 @@ def prune(
     if space is None:
         model.to(device)
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        space = analyze(model, tuple(x.to(device) for x in inputs), steps=steps, ignored_layers=ignored_layers)
+        space = analyze(model, tuple(x.to(device) for x in inputs), steps=steps, ignored_layers=ignored_layers,
+                        unsupported=unsupported)
     seconds["analyze"] = time.monotonic() - t0
 
     t = time.monotonic()
