@@ -136,3 +136,11 @@ def test_image_folder_data_takes_the_models_input_size(tmp_path):
     run = PruneRun(cfg, tmp_path / "run")
     run.setup()
     assert run.train_ds[0][0].shape == (3, 16, 16) and run.space.input_shapes[0][1:] == (3, 16, 16)
+
+
+def test_a_training_set_smaller_than_one_batch_is_refused_before_anything_is_measured(tmp_path):
+    from mdprune.train.data import DataError
+
+    with pytest.raises(DataError, match="fewer than one batch of 32"):
+        PruneRun(config(tmp_path, train_limit=20), tmp_path / "run").run()
+    assert not (tmp_path / "lut").exists()

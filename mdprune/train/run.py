@@ -33,7 +33,7 @@ from ..space import PruningSpace, analyze
 from . import distributed as dist
 from .bn import recalibrate_bn
 from .config import RunConfig, data_spec, latency_settings, run_data, run_model
-from .data import loader
+from .data import DataError, loader
 from .loop import NaNLoss, TrainConfig, evaluate, make_optimizer, make_scheduler, train_epoch
 from .masking import Masker
 from .rundir import RunDir, seed_everything
@@ -95,6 +95,9 @@ class PruneRun:
                                            unsupported=cfg.unsupported)
         self.train_loader = loader(self.train_ds, cfg.train.batch_size, True, cfg.workers, cfg.seed,
                                    self.d.enabled)
+        if len(self.train_loader) == 0:  # training drops the last partial batch
+            raise DataError(f"the training set has {len(self.train_ds)} images, fewer than one batch of "
+                            f"{cfg.train.batch_size} per process: lower --batch-size or use more data")
         self.val_loader = loader(self.val_ds, 256, False, cfg.workers)
         self.settings = latency_settings(cfg, self.d.device)
         if self.backend is not None:
