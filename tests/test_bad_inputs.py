@@ -144,3 +144,23 @@ def test_a_training_set_smaller_than_one_batch_is_refused_before_anything_is_mea
     with pytest.raises(DataError, match="fewer than one batch of 32"):
         PruneRun(config(tmp_path, train_limit=20), tmp_path / "run").run()
     assert not (tmp_path / "lut").exists()
+
+
+def test_a_run_directory_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path, capsys):
+    import os
+
+    blocked = tmp_path / "ro"
+    blocked.mkdir()
+    os.chmod(blocked, 0o500)
+    try:
+        if os.access(blocked, os.W_OK):  # root ignores permissions: simulate with a file in the way
+            blocked = tmp_path / "file"
+            blocked.write_text("x")
+        code = main(["prune", "small_resnet18", "--model-arg", "width=0.125", "--train-limit", "64",
+                     "--val-limit", "32", "--batch-size", "16", "--epochs", "1", "--max-iterations", "1",
+                     "--grid-points", "2", "--timing-rounds", "1", "--timing-reps", "1", "--backend", "flops",
+                     "--lut", str(tmp_path / "lut"), "--run-dir", str(blocked / "run")])
+    finally:
+        os.chmod(tmp_path / "ro", 0o700)
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot read or write" in err and "Traceback" not in err

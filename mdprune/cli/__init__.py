@@ -49,3 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mdprune: interrupted (completed measurements are saved)", file=sys.stderr)
         return 130
+    except OSError as e:  # a read-only or full disk, a missing permission: what was saved before stays
+        where = f" {e.filename}" if e.filename else ""
+        print(f"mdprune: error: cannot read or write{where}: {e.strerror or e}. Measurements and checkpoints "
+              "saved before this are kept; free space or fix permissions and run the command again "
+              "(--resume for a run)", file=sys.stderr)
+        return 2
