@@ -132,7 +132,8 @@ def test_image_data_problems_are_named_before_training(tmp_path):
 def test_image_folder_data_takes_the_models_input_size(tmp_path):
     _images(tmp_path / "img", ("cat", "dog"), size=20)
     cfg = config(tmp_path, data=str(tmp_path / "img"), model="small_vit", model_kwargs={"img_size": 16, "depth": 1},
-                 train_limit=None, val_limit=None, budget="90%")
+                 train_limit=None, val_limit=None, budget="90%",
+                 train=TrainConfig(epochs=1, batch_size=4, lr=0.01, max_iterations=1))
     run = PruneRun(cfg, tmp_path / "run")
     run.setup()
     assert run.train_ds[0][0].shape == (3, 16, 16) and run.space.input_shapes[0][1:] == (3, 16, 16)
