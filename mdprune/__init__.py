@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Plan": ".apply", "PlanError": ".apply", "PrunedAttention": ".apply", "masked": ".apply", "slim": ".apply",
     "export_onnx": ".apply.io", "load": ".apply.io", "save": ".apply.io",
-    "create_model": ".models",
+    "create_model": ".models", "register_layer": ".layers",
     "PruneReport": ".one_call", "prune": ".one_call",
     "InfeasibleBudget": ".solve",
     "AnalysisError": ".space", "Block": ".space", "Dimension": ".space", "Op": ".space", "PruningSpace": ".space",
@@ -25,13 +25,14 @@ _EXPORTS = {
 }
 __all__ = [
     "AnalysisError", "Block", "Dimension", "InfeasibleBudget", "Op", "Plan", "PlanError", "PruneReport",
-    "PrunedAttention", "PruningSpace", "analyze", "create_model", "export_onnx", "load", "masked", "prune", "save",
-    "slim",
+    "PrunedAttention", "PruningSpace", "analyze", "create_model", "export_onnx", "load", "masked", "prune",
+    "register_layer", "save", "slim",
 ]
 
 if TYPE_CHECKING:
     from .apply import Plan, PlanError, PrunedAttention, masked, slim
     from .apply.io import export_onnx, load, save
+    from .layers import register_layer
     from .models import create_model
     from .one_call import PruneReport, prune
     from .solve import InfeasibleBudget

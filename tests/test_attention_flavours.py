@@ -198,8 +198,7 @@ def test_levit_heads_sliced_in_place():
 
 
 def test_levit_downsampling_attention():
-    """Queries from every other token: slim = masked and parameters as predicted. (Its MACs need the space to
-    count attention over tokens x tokens_kv, not tokens squared.)"""
+    """Queries from every other token: slim = masked, parameters and MACs (tokens x tokens_kv) as predicted."""
     torch.manual_seed(0)
     model, x = randomize(Levit(down=True)), torch.randn(2, 16, 12)
     space = mdprune.analyze(model, x)
@@ -210,6 +209,7 @@ def test_levit_downsampling_attention():
         with torch.no_grad():
             assert rel_err(m(x), s(x)) <= 1e-4
         assert sum(p.numel() for p in s.parameters()) == space.count_params(plan.sizes(space), set(plan.removed))
+        assert measured_macs(s, x) == space.count_macs(plan.sizes(space), set(plan.removed))
     op = next(o for o in space.ops if o.name == "attn2.attn")
     assert (op.fixed["tokens"], op.fixed["tokens_kv"]) == (4, 16)
 

@@ -8,6 +8,7 @@ heads of a relative position bias table, the kept columns of a rotary embedding,
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -33,6 +34,25 @@ class RelPosBias(nn.Module):
         return t[:, self.index.reshape(-1)].view(1, t.shape[0], *self.tokens)
 
 
+class ContinuousPosBias(nn.Module):
+    """Swin V2's position bias: ``scale sigmoid(mlp(coords))`` per head (``scale`` None: ``mlp(coords)``),
+    indexed by relative position (``index`` None: ``coords`` holds every pair of tokens)."""
+
+    def __init__(self, mlp: nn.Module, coords: torch.Tensor, index: torch.Tensor | None, heads: int, tokens: int,
+                 scale: float | None):
+        super().__init__()
+        self.mlp, self.heads, self.tokens, self.scale = mlp, heads, tokens, scale
+        self.register_buffer("coords", coords, persistent=False)
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        table = self.mlp(self.coords).reshape(-1, self.heads)
+        if self.index is not None:
+            table = table[self.index.reshape(-1)]
+        bias = table.view(self.tokens, self.tokens, -1).permute(2, 0, 1)
+        return (bias if self.scale is None else self.scale * torch.sigmoid(bias)).unsqueeze(0)
+
+
 class PrunedAttention(nn.Module):
     """Multi-head self-attention with ``heads`` heads of q/k width ``qk_dim`` and v width ``v_dim``.
 
@@ -41,7 +61,8 @@ class PrunedAttention(nn.Module):
     Optional parts (set by :func:`slim_attention`): ``pos_bias`` (a :class:`RelPosBias`), per-head ``q_norm`` /
     ``k_norm``, ``norm`` of the merged heads, a sigmoid ``gate``, a rotary embedding read from the forward
     argument ``rope_arg`` (``rope`` layout ``"interleaved"`` or ``"half"``, columns ``rope_index``), an additive
-    windows mask from argument ``mask_arg``, and shifted windows over an NHWC input (``window``, ``shift``).
+    windows mask from argument ``mask_arg``, shifted windows over an NHWC input (``window``, ``shift``), and
+    Swin V2's cosine attention (``logit_scale`` per head; ``pos_bias`` then a :class:`ContinuousPosBias`).
     """
 
     def __init__(self, dim_in: int, heads: int, qk_dim: int, v_dim: int, dim_out: int, scale: float,
@@ -64,7 +85,9 @@ class PrunedAttention(nn.Module):
         self.q_norm: nn.Module = nn.Identity()
         self.k_norm: nn.Module = nn.Identity()
         self.norm: nn.Module = nn.Identity()
-        self.pos_bias: RelPosBias | None = None
+        self.pos_bias: nn.Module | None = None
+        self.register_parameter("logit_scale", None)  # cosine attention's per-head scale (Swin V2)
+        self.zero_k_bias = False  # k's bias kept as a parameter but not applied (torchvision's Swin V2 does so)
         self.register_buffer("rope_index", torch.arange(2 * qk_dim), persistent=False)
         self.register_buffer("rope_heads", torch.arange(heads), persistent=False)
         self.proj = nn.Linear(heads * v_dim, dim_out, bias=proj_bias)
@@ -87,16 +110,21 @@ class PrunedAttention(nn.Module):
         x = x.reshape(-1, n, x.shape[-1])
         b = x.shape[0]
         q = self.q_norm(self.q(x).view(b, n, self.heads, self.qk_dim).transpose(1, 2))
-        k = self.k_norm(self.k(x).view(b, n, self.heads, self.qk_dim).transpose(1, 2))
+        k = F.linear(x, self.k.weight, None if self.zero_k_bias else self.k.bias)
+        k = self.k_norm(k.view(b, n, self.heads, self.qk_dim).transpose(1, 2))
         v = self.v(x).view(b, n, self.heads, self.v_dim).transpose(1, 2)
         if rope is not None:
             q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
         bias = self.pos_bias() if self.pos_bias is not None else None
+        scale = self.scale
+        if self.logit_scale is not None:  # cosine attention: the scale is per head, learnt
+            q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp().view(-1, 1, 1)
+            k, scale = F.normalize(k, dim=-1), 1.0
         if mask is not None:  # (windows, N, N), the same for every head and image
             w = mask.shape[0]
             mask = mask.view(1, w, 1, n, n).expand(b // w, -1, self.heads, -1, -1).reshape(-1, self.heads, n, n)
             bias = mask if bias is None else bias + mask
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
                                            dropout_p=self.attn_drop if self.training else 0.0)
         o = self.norm(o.transpose(1, 2).reshape(b, n, self.heads * self.v_dim))
         if self.gate is not None:
@@ -206,6 +234,7 @@ def slim_attention(space: PruningSpace, pos: Positions, path: str, m: nn.Module)
         gate_bias=None if lay.gate is None else lay.gate.bias is not None, arg_names=lay.arg_names,
         rope=lay.rope, rope_arg=lay.rope_arg, rope_prefix=lay.rope_prefix, mask_arg=lay.mask_arg,
         window=lay.window, shift=lay.shift)
+    new.zero_k_bias = lay.zero_k_bias
     w = _tensor(m, lay.q.weight)
     new = new.to(device=w.device, dtype=w.dtype)
     _copy_weights(new, space, pos, path, m, lay, heads, cols)
@@ -244,6 +273,10 @@ def _extras(new: PrunedAttention, space: PruningSpace, pos: Positions, path: str
         n = int(round(index.numel() ** 0.5))
         tokens = (index.shape[0], index.shape[1]) if index.dim() == 2 else (n, n)
         new.pos_bias = RelPosBias(table, index, lay.table_head_axis, tokens)
+    if lay.cpb is not None:
+        new.pos_bias = _slim_cpb(m, lay, heads.to(dev))
+    if lay.cosine is not None:
+        new.logit_scale = nn.Parameter(_tensor(m, lay.cosine).detach()[heads.to(dev)].clone())
     for attr in ("q_norm", "k_norm", "norm"):
         local = getattr(lay, attr)
         if local is not None:
@@ -252,6 +285,20 @@ def _extras(new: PrunedAttention, space: PruningSpace, pos: Positions, path: str
     first = q_cols[:new.qk_dim] - heads[0] * qk_dense  # kept q/k columns of one head, in the dense head
     new.rope_index = torch.cat([first, first + qk_dense]).to(dev)
     new.rope_heads = heads.clone().to(dev)
+
+
+def _slim_cpb(m: nn.Module, lay: Layout, heads: torch.Tensor) -> ContinuousPosBias:
+    """The position bias MLP with its last layer's rows cut to the kept heads."""
+    mlp = copy.deepcopy(m.get_submodule(lay.cpb))
+    last = [c for c in mlp.modules() if isinstance(c, nn.Linear)][-1]
+    last.weight = nn.Parameter(last.weight.detach()[heads].clone())
+    if last.bias is not None:
+        last.bias = nn.Parameter(last.bias.detach()[heads].clone())
+    last.out_features = len(heads)
+    coords = _tensor(m, lay.cpb_coords).detach().clone()
+    index = _tensor(m, lay.table_index).detach().clone() if lay.table_index else None
+    pairs = index.numel() if index is not None else coords.numel() // coords.shape[-1]
+    return ContinuousPosBias(mlp, coords, index, len(heads), int(round(pairs ** 0.5)), lay.cpb_scale)
 
 
 def _slim_norm(space: PruningSpace, pos: Positions, name: str, norm: nn.Module) -> nn.Module:
@@ -290,6 +337,8 @@ def _slim_in_place(space: PruningSpace, pos: Positions, path: str, m: nn.Module,
     for sub in new.modules():
         if isinstance(sub, nn.Linear):
             sub.out_features, sub.in_features = sub.weight.shape
+        elif isinstance(sub, nn.Conv2d):
+            sub.out_channels, sub.in_channels = sub.weight.shape[0], sub.weight.shape[1] * sub.groups
         elif isinstance(sub, nn.modules.batchnorm._BatchNorm):
             sub.num_features = sub.running_mean.shape[0] if sub.running_mean is not None else sub.weight.shape[0]
     for attr, width in lay.in_place:

@@ -9,6 +9,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..layers.norm import resize_norm
+from ..layers.registry import layer_kind
 from ..space import PruningSpace
 from .attention import slim_attention
 from .indices import Positions
@@ -154,52 +156,15 @@ def _slim_module(space: PruningSpace, pos: Positions, path: str, m: nn.Module) -
 
 
 def _resize(new: nn.Module, old: nn.Module, space: PruningSpace, pos: Positions, path: str) -> None:
-    """Update the size attributes of a module whose tensors were sliced."""
-    if isinstance(new, nn.Conv2d):
-        new.out_channels = new.weight.shape[0]
-        if old.groups > 1 and old.groups == old.in_channels == old.out_channels:
-            new.groups = new.in_channels = new.out_channels
-        else:
-            new.in_channels = new.weight.shape[1] * new.groups
-    elif isinstance(new, nn.Linear):
-        new.out_features, new.in_features = new.weight.shape
-    elif isinstance(new, nn.PReLU):
-        new.num_parameters = new.weight.shape[0]
-    elif not _resize_norm(new, int(pos.axis(space.normalized[path]).numel()) if path in space.normalized else None) \
-            and not _only_tensors_change(new):
+    """Update the size attributes of a module whose tensors were sliced: its layer kind knows how."""
+    if path in space.normalized:  # a LayerNorm over pruned features: its width is the plan's (it may hold no tensor)
+        resize_norm(new, old, int(pos.axis(space.normalized[path]).numel()))
+        return
+    kind = layer_kind(old)
+    if kind is None:
         raise TypeError(f"mdprune does not know how to resize module '{path}' of type {type(new).__name__}")
-
-
-def _resize_norm(m: nn.Module, width: int | None = None) -> bool:
-    """Set a norm's size attributes to ``width`` (default: its per-channel tensors' length); False if not a norm.
-
-    Covers BatchNorm, GroupNorm and LayerNorm with their subclasses (timm's norm + act modules), and modules
-    holding ``running_mean`` (frozen BatchNorms). A norm traced into is no module of the traced model: its
-    tensors are sliced where they are read, and its literal sizes patched in the graph.
-    """
-    if not isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) \
-            and getattr(m, "running_mean", None) is None:
-        return False
-    if width is None:
-        ref = next((t for t in (getattr(m, a, None) for a in ("running_mean", "weight", "bias")) if t is not None),
-                   None)
-        if ref is None:
-            return True  # nothing sized it
-        width = ref.shape[0]
-    if isinstance(m, nn.GroupNorm):
-        m.num_groups = width if m.num_groups == m.num_channels else m.num_groups
-        m.num_channels = width
-    elif isinstance(m, nn.LayerNorm):
-        if len(m.normalized_shape) == 1:
-            m.normalized_shape = (width,)
-    elif hasattr(m, "num_features"):
-        m.num_features = width
-    return True
-
-
-def _only_tensors_change(m: nn.Module) -> bool:
-    """Modules whose size lives only in their tensors (e.g. timm's LayerScale)."""
-    return type(m).__name__ in {"LayerScale", "LayerScale2d"}
+    if kind.resize is not None:  # (None: its size lives in its tensors only)
+        kind.resize(new, old)
 
 
 def _patch_literal(node: fx.Node, index: int, value: int) -> None:

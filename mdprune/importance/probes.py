@@ -12,6 +12,9 @@ model: for a gate right after a layer that writes the dimension, ``dL/dg_e = sum
 - ``v``: the value rows of the input projection;
 - ``embed``: every write to the residual stream (patch embedding, class and position tokens, each block's
   output projections), one gate shared by all of them.
+
+The roles are those each layer kind's channel rule binds its tensors with (``mdprune.layers.bind``): a layer
+registered by a user is read the same way (its per-channel scale bound as ``affine``, else its ``out`` slice).
 """
 
 from __future__ import annotations

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The role order of each op kind: a table entry's key lists widths in this order.
-ROLES: dict[str, tuple[str, ...]] = {"conv2d": ("in", "out"), "linear": ("in", "out"),
-                                     "attention": ("heads", "qk", "v"), "node": ("width",)}
+from ..layers.registry import latency_op, latency_ops
 
-_EPILOGUE: dict[str, Callable[[int], nn.Module]] = {
-    "bn2d": nn.BatchNorm2d, "bn1d": nn.BatchNorm1d, "relu": lambda _: nn.ReLU(inplace=True),
-    "relu6": lambda _: nn.ReLU6(inplace=True), "gelu": lambda _: nn.GELU(), "silu": lambda _: nn.SiLU(),
-    "hardswish": lambda _: nn.Hardswish(), "sigmoid": lambda _: nn.Sigmoid(), "tanh": lambda _: nn.Tanh(),
-}
+# The role order of each op kind: a table entry's key lists widths in this order. Convolutions, linear layers
+# and the kinds users register keep theirs (and their builders) with their layer kind (mdprune/layers).
+_ROLES: dict[str, tuple[str, ...]] = {"attention": ("heads", "qk", "v"), "node": ("width",)}
+
+
+class _Roles(Mapping[str, tuple[str, ...]]):
+    """Op kind -> its roles: attention and node ops here, the others from the layer registry."""
+
+    def __getitem__(self, kind: str) -> tuple[str, ...]:
+        if kind in _ROLES:
+            return _ROLES[kind]
+        op = latency_op(kind)
+        if op is None:
+            raise KeyError(kind)
+        return op.roles
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**dict.fromkeys(latency_ops()), **dict.fromkeys(_ROLES)})
+
+    def __len__(self) -> int:
+        return len(set(latency_ops()) | set(_ROLES))
+
+
+ROLES: Mapping[str, tuple[str, ...]] = _Roles()
 
 
 def _fill(m: nn.Module) -> nn.Module:
@@ -32,39 +49,19 @@ def _fill(m: nn.Module) -> nn.Module:
     return m.eval()
 
 
-def _conv(fixed: dict[str, Any], w: dict[str, int], batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    cin, cout = w["in"], w["out"]
-    if fixed["depthwise"]:
-        groups = cin
-        if cin != cout:
-            raise ValueError(f"a depthwise convolution keeps in == out widths, got {cin} and {cout}")
-    else:
-        groups = fixed["groups"]
-    conv = nn.Conv2d(cin, cout, fixed["kernel"], fixed["stride"], fixed["padding"], fixed["dilation"], groups,
-                     bias=fixed["bias"])
-    layers = [conv] + [_EPILOGUE[e](cout) for e in fixed.get("epilogue", ())]
-    return nn.Sequential(*layers), (torch.randn(batch, cin, *fixed["in_hw"]),)
-
-
-def _linear(fixed: dict[str, Any], w: dict[str, int], batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    lin = nn.Linear(w["in"], w["out"], bias=fixed["bias"])
-    layers = [lin] + [_EPILOGUE[e](w["out"]) for e in fixed.get("epilogue", ())]
-    shape = (batch, w["in"]) if fixed.get("rank", 3) == 2 else (batch, fixed["tokens"], w["in"])
-    return nn.Sequential(*layers), (torch.randn(shape),)
-
-
 class AttentionCore(nn.Module):
     """The part of :class:`mdprune.PrunedAttention` between the projections: softmax(q k^T) v, merged heads.
 
     Takes q, k, v as the projections lay them out, (batch, tokens, heads, width), so the strided views and any
     copies the attention kernel makes of them are timed as in the slim model; with ``bias`` also an additive
     (1, heads, tokens, tokens) bias (relative position bias, window masks), with ``rope`` a rotary embedding of
-    q and k (its (tokens, 2 x width) sin and cos), in that order after v.
+    q and k (its (tokens, 2 x width) sin and cos), with ``cosine`` Swin V2's cosine attention (a (heads, 1, 1)
+    logit scale), in that order after v.
     """
 
-    def __init__(self, bias: bool = False, rope: bool = False):
+    def __init__(self, bias: bool = False, rope: bool = False, cosine: bool = False):
         super().__init__()
-        self.bias, self.rope = bias, rope
+        self.bias, self.rope, self.cosine = bias, rope, cosine
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         (b, n, h, _), dv = q.shape, v.shape[-1]
@@ -72,7 +69,10 @@ class AttentionCore(nn.Module):
         bias = rest.pop(0) if self.bias else None
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.rope:
-            q, k = _rotate(q, rest[0]), _rotate(k, rest[0])
+            rope = rest.pop(0)
+            q, k = _rotate(q, rope), _rotate(k, rope)
+        if self.cosine:
+            q, k = F.normalize(q, dim=-1) * rest.pop(0).clamp(max=4.6).exp(), F.normalize(k, dim=-1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return o.transpose(1, 2).reshape(b, n, h * dv)
 
@@ -87,14 +87,16 @@ def _attention(fixed: dict[str, Any], w: dict[str, int], batch: int
                ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     n, b = fixed["tokens"], batch * fixed.get("windows", 1)  # windowed attention: windows x images
     nk = fixed.get("tokens_kv", n)  # keys and values from more tokens than the queries (LeViT's downsampling)
-    bias, rope = bool(fixed.get("bias")), bool(fixed.get("rope"))
+    bias, rope, cosine = bool(fixed.get("bias")), bool(fixed.get("rope")), bool(fixed.get("cosine"))
     inputs = [torch.randn(b, n, w["heads"], w["qk"]), torch.randn(b, nk, w["heads"], w["qk"]),
               torch.randn(b, nk, w["heads"], w["v"])]
     if bias:
         inputs.append(torch.randn(1, w["heads"], n, nk))
     if rope:
         inputs.append(torch.randn(n, 2 * w["qk"]))
-    return AttentionCore(bias, rope), tuple(inputs)
+    if cosine:
+        inputs.append(torch.randn(w["heads"], 1, 1))
+    return AttentionCore(bias, rope, cosine), tuple(inputs)
 
 
 class NodeReplay(nn.Module):
@@ -150,14 +152,16 @@ def _node(fixed: dict[str, Any], w: dict[str, int], batch: int) -> tuple[nn.Modu
     return NodeReplay(fixed, w["width"]), tuple(inputs)
 
 
-_BUILDERS = {"conv2d": _conv, "linear": _linear, "attention": _attention, "node": _node}
+_BUILDERS = {"attention": _attention, "node": _node}
 
 
 def op_module(kind: str, fixed: dict[str, Any], widths: dict[str, int], batch: int, device: str = "cpu",
               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """An op of ``kind`` with signature ``fixed`` at ``widths``, and inputs of batch ``batch``."""
-    if kind not in _BUILDERS:
+    op = latency_op(kind)
+    build = op.build if op is not None else _BUILDERS.get(kind)
+    if build is None:
         raise ValueError(f"no latency builder for op kind {kind!r}")
-    module, inputs = _BUILDERS[kind](fixed, widths, batch)
+    module, inputs = build(fixed, widths, batch)
     module = _fill(module).to(device=device, dtype=dtype)
     return module, tuple(x.to(device=device, dtype=dtype) for x in inputs)

@@ -213,9 +213,10 @@ def _split_macs(space: PruningSpace, op) -> list[tuple[str, tuple[str, ...], np.
 def _op_macs(space: PruningSpace, op, dims: tuple[str, ...], only: str | None = None) -> np.ndarray:
     env = _grid(space, dims)
     sizes = {d: env.get(d, space.dims[d].size) for d in space.dims}
-    if only is not None:  # attention cost of one part: heads * tokens^2 * width of that part
+    if only is not None:  # attention cost of one part: heads * tokens * tokens_kv * width of that part
         f = op.fixed
-        return np.asarray(f["batch"] * f["tokens"] ** 2 * _seg_width(space, op.roles["heads"][0], env)
+        pairs = f["batch"] * f["tokens"] * f.get("tokens_kv", f["tokens"])
+        return np.asarray(pairs * _seg_width(space, op.roles["heads"][0], env)
                           * _seg_width(space, op.roles[only][0], env), dtype=np.float64)
     return np.asarray(op.macs(sizes), dtype=np.float64) * np.ones(tuple(len(space.dims[d].widths()) for d in dims))
 

@@ -83,7 +83,7 @@ def _propagate(model: nn.Module, inputs: tuple[torch.Tensor, ...], ignored: tupl
     problems: list[Problem] = []
     while True:
         try:
-            gm = trace(model, user + tuple(kept), n_inputs=len(inputs))
+            gm = trace(model, user + tuple(kept), n_inputs=len(inputs), example_inputs=inputs)
         except AnalysisError as e:
             new = [p.module for p in e.problems if p.module and p.module not in kept]
             if not keep or not new:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
@@ -53,7 +53,8 @@ class Layout:
     v: Proj
     proj: str  # the output projection (an nn.Linear)
     scale: float  # softmax scale of the dense module: kept when q/k width shrinks
-    input: str = "tokens"  # "tokens" (..., N, C), "seq_first" (N, B, C) or "windows" (B, H, W, C: shifted windows)
+    input: str = "tokens"  # "tokens" (..., N, C), "seq_first" (N, B, C), "windows" (B, H, W, C: shifted windows)
+    # or "nchw" (B, C, H, W: LeViT's convolution mode)
     arg_names: tuple[str, ...] = ()  # forward parameters after the input, in order
     returns_tuple: bool = False  # nn.MultiheadAttention: (output, weights)
     gate: Proj | None = None  # output * sigmoid(gate(x)) before the projection
@@ -72,6 +73,11 @@ class Layout:
     shift: tuple[int, int] = (0, 0)
     attn_drop: float = 0.0
     proj_drop: float = 0.0
+    cosine: str | None = None  # cosine attention (Swin V2): normalised q, k times exp(this per-head logit scale)
+    cpb: str | None = None  # continuous position bias (Swin V2): this MLP on ``cpb_coords``, indexed by table_index
+    cpb_coords: str | None = None  # (without table_index: the coordinates of every pair of tokens)
+    cpb_scale: float | None = 16.0  # the bias is cpb_scale * sigmoid(MLP output), or (None) the output itself
+    zero_k_bias: bool = False  # the forward zeroes k's part of the bias (torchvision's Swin V2)
     unsupported: tuple[str, ...] = field(default=())  # why this module cannot be pruned (AnalysisError)
     # sliced in place (its own forward kept), heads only: attribute -> width per head, set to kept heads x width
     in_place: tuple[tuple[str, int], ...] = ()
@@ -216,6 +222,63 @@ class TorchvisionWindowAttention(_Adapter):
                       **_table(m, "relative_position_bias_table", "relative_position_index", m.num_heads))
 
 
+class TimmWindowAttentionV2(_Adapter):
+    """timm's swin V2 ``WindowAttention``: cosine attention, continuous position bias, q and v biases."""
+
+    kind = "timm_window_v2"
+
+    def layout(self, m: nn.Module) -> Layout:
+        q, k, v, why = _fused_or_separate(m, "q_bias" if m.q_bias is not None else None,
+                                          "v_bias" if m.v_bias is not None else None)
+        head_dim = m.qkv.weight.shape[0] // 3 // m.num_heads
+        return Layout(self.kind, m.num_heads, head_dim, head_dim, q, k, v, "proj", 1.0, arg_names=_arg_names(m),
+                      mask_arg="mask", attn_drop=_drop(m, "attn_drop"), proj_drop=_drop(m, "proj_drop"),
+                      unsupported=tuple(why + _cpb_problems(m, "cpb_mlp", m.num_heads)), **_V2)
+
+
+class TorchvisionWindowAttentionV2(_Adapter):
+    """torchvision's swin V2 ``ShiftedWindowAttentionV2``: V1's windows with cosine attention, a continuous
+    position bias, and k's bias zeroed by the forward."""
+
+    kind = "tv_window_v2"
+
+    def layout(self, m: nn.Module) -> Layout:
+        lay = TorchvisionWindowAttention().layout(m)
+        return replace(lay, kind=self.kind, scale=1.0, zero_k_bias=lay.k.bias is not None,
+                       unsupported=tuple(_cpb_problems(m, "cpb_mlp", m.num_heads)), **_V2)
+
+
+class TimmWindowAttentionV2Cr(_Adapter):
+    """timm's swin V2 "cr" ``WindowMultiHeadAttention``: cosine attention, a position bias MLP over every pair
+    of tokens (no index, no sigmoid)."""
+
+    kind = "timm_window_v2cr"
+
+    def layout(self, m: nn.Module) -> Layout:
+        bias = "qkv.bias" if m.qkv.bias is not None else None
+        head_dim = m.qkv.weight.shape[1] // m.num_heads
+        q, k, v = (Proj("qkv.weight", i, bias, i) for i in range(3))
+        return Layout(self.kind, m.num_heads, head_dim, head_dim, q, k, v, "proj", 1.0, arg_names=_arg_names(m),
+                      mask_arg="mask", attn_drop=_drop(m, "attn_drop"), proj_drop=_drop(m, "proj_drop"),
+                      cosine="logit_scale", cpb="meta_mlp", cpb_coords="relative_coordinates_log", cpb_scale=None,
+                      unsupported=tuple(_cpb_problems(m, "meta_mlp", m.num_heads)))
+
+
+_V2 = {"cosine": "logit_scale", "cpb": "cpb_mlp", "cpb_coords": "relative_coords_table",
+       "table_index": "relative_position_index"}
+
+
+def _cpb_problems(m: nn.Module, attr: str, heads: int) -> list[str]:
+    """Why the position bias MLP is not two Linear layers (the last one output per head) with parameter-free
+    layers between them, or the logit scale not one per head."""
+    mlp, scale = m.get_submodule(attr), getattr(m, "logit_scale", None)
+    linears = [c for c in mlp.modules() if isinstance(c, nn.Linear)]
+    ok = len(linears) == 2 and linears[-1].out_features == heads and \
+        sum(p.numel() for p in mlp.parameters()) == sum(p.numel() for c in linears for p in c.parameters()) and \
+        isinstance(scale, nn.Parameter) and scale.shape[0] == heads and scale.numel() == heads
+    return [] if ok else ["a continuous position bias MLP or logit scale of another structure"]
+
+
 class TorchvisionMaxVitAttention(_Adapter):
     """torchvision's MaxViT ``RelativePositionalMultiHeadAttention``: (B, G, P, D) windows or grids."""
 
@@ -256,10 +319,9 @@ class LevitAttention(_Adapter):
         fused = "kv.linear.weight" if down else "qkv.linear.weight"
         q = Proj("q.ln.linear.weight") if down else Proj(fused, 0)
         k, v = (Proj(fused, 0), Proj(fused, 1)) if down else (Proj(fused, 1), Proj(fused, 2))
-        why = ("convolution mode (use_conv=True)",) if m.use_conv else ()
         return Layout(self.kind, m.num_heads, m.key_dim, m.val_dim, q, k, v, "proj.ln.linear", float(m.scale),
                       per_head=True, table="attention_biases", table_index="attention_bias_idxs", table_head_axis=0,
-                      unsupported=why, in_place=(("num_heads", 1), ("key_attn_dim", m.key_dim),
+                      input="nchw" if m.use_conv else "tokens", in_place=(("num_heads", 1), ("key_attn_dim", m.key_dim),
                                                  ("val_attn_dim", m.val_dim)))
 
     def analyse(self, prop: Propagation, node: fx.Node, m: nn.Module) -> Any:
@@ -293,6 +355,8 @@ def _timm_types() -> dict[type, _Adapter]:
             ("timm.layers", "Attention", TimmAttention()), ("timm.layers", "AttentionRope", EvaAttention()),
             ("timm.models.beit", "Attention", BeitAttention()), ("timm.models.eva", "EvaAttention", EvaAttention()),
             ("timm.models.swin_transformer", "WindowAttention", TimmWindowAttention()),
+            ("timm.models.swin_transformer_v2", "WindowAttention", TimmWindowAttentionV2()),
+            ("timm.models.swin_transformer_v2_cr", "WindowMultiHeadAttention", TimmWindowAttentionV2Cr()),
             ("timm.models.efficientformer", "Attention", EfficientFormerAttention()),
             ("timm.models.levit", "Attention", LevitAttention()),
             ("timm.models.levit", "AttentionDownsample", LevitAttention())):
@@ -306,10 +370,11 @@ def _timm_types() -> dict[type, _Adapter]:
 def _torchvision_types() -> dict[type, _Adapter]:
     try:
         from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
-        from torchvision.models.swin_transformer import ShiftedWindowAttention
+        from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
     except ImportError:
         return {}
     return {ShiftedWindowAttention: TorchvisionWindowAttention(),
+            ShiftedWindowAttentionV2: TorchvisionWindowAttentionV2(),
             RelativePositionalMultiHeadAttention: TorchvisionMaxVitAttention()}
 
 
@@ -369,6 +434,10 @@ def analyse_attention(prop: Propagation, node: fx.Node, m: nn.Module) -> Any:
         prop.bind(f"{name}.{lay.proj}.bias", 0, (d.eo,), node, "out")
     if lay.table is not None:
         prop.bind(f"{name}.{lay.table}", lay.table_head_axis, (RawSeg((d.h,)),), node, "param")
+    if lay.cosine is not None:
+        prop.bind(f"{name}.{lay.cosine}", 0, (RawSeg((d.h,)),), node, "param")
+    if lay.cpb is not None:
+        _position_mlp(prop, node, m, lay, d.h)
     for norm in (lay.q_norm, lay.k_norm):
         if norm is not None:
             _bind_norm(prop, node, m, norm, (d.qk_cols,), (d.q,))
@@ -389,7 +458,7 @@ def _open(prop: Propagation, node: fx.Node, lay: Layout, m: nn.Module, pairs: bo
     h = prop.new_space(lay.heads, "heads", f"{name}.heads")
     q = prop.new_space(lay.qk_dim // 2 if pairs else lay.qk_dim, "qk", f"{name}.qk")
     v = prop.new_space(lay.v_dim, "v", f"{name}.v")
-    e = prop.new_space(m.get_submodule(lay.proj).out_features, "mlp", f"{name}.out")
+    e = prop.new_space(m.get_submodule(lay.proj).weight.shape[0], "mlp", f"{name}.out")
     if not pairs:
         qk, cols = RawSeg((h, q)), RawSeg((q,))
     elif lay.rope == "interleaved":  # rotation pairs are adjacent columns: pruned two by two
@@ -414,8 +483,10 @@ def _add_ops(prop: Propagation, node: fx.Node, lay: Layout, m: nn.Module, x: Cha
     core: dict[str, Any] = {"tokens": geo["tokens"], "batch": geo["batch"]}
     if geo["batch"] != prop.batch and geo["batch"] % prop.batch == 0:
         core["windows"] = geo["batch"] // prop.batch  # windows (or grids) per image
-    if lay.table is not None or geo["masked"]:
+    if lay.table is not None or lay.cpb is not None or geo["masked"]:
         core["bias"] = True
+    if lay.cosine is not None:
+        core["cosine"] = True
     if d.pairs:
         core["rope"] = True
     roles = {"heads": (RawSeg((d.h,)),), "qk": (RawSeg((d.q,), 2 if d.pairs else 1),), "v": (RawSeg((d.v,)),)}
@@ -424,9 +495,36 @@ def _add_ops(prop: Propagation, node: fx.Node, lay: Layout, m: nn.Module, x: Cha
                 {**lin, "bias": m.get_submodule(lay.proj).bias is not None}, node)
 
 
+def _position_mlp(prop: Propagation, node: fx.Node, m: nn.Module, lay: Layout, heads: int) -> None:
+    """Swin V2's position bias MLP: its last layer's rows are the heads; its ops run once per forward, on the
+    relative coordinates, whatever the input (the hidden width kept whole)."""
+    name, first, last = f"{node.target}.{lay.cpb}", *_cpb_linears(m, lay)
+    prop.bind(f"{name}.{last}.weight", 0, (RawSeg((heads,)),), node, "out")
+    if m.get_submodule(f"{lay.cpb}.{last}").bias is not None:
+        prop.bind(f"{name}.{last}.bias", 0, (RawSeg((heads,)),), node, "out")
+    coords = m.get_buffer(lay.cpb_coords)
+    lin0, lin1 = m.get_submodule(f"{lay.cpb}.{first}"), m.get_submodule(f"{lay.cpb}.{last}")
+    why = f"position bias MLP of {node.target} (its width does not depend on the input)"
+    inp = prop.new_space(lin0.in_features, "linear", f"{name}.{first}:in", protected=why)
+    hid = prop.new_space(lin0.out_features, "linear", f"{name}.{first}", protected=why)
+    fixed = {"tokens": coords.numel() // coords.shape[-1], "batch": 1, "rank": 3}
+    prop.add_op(f"{name}.{first}", "linear", {"in": (RawSeg((inp,)),), "out": (RawSeg((hid,)),)},
+                {**fixed, "bias": lin0.bias is not None}, node)
+    prop.add_op(f"{name}.{last}", "linear", {"in": (RawSeg((hid,)),), "out": (RawSeg((heads,)),)},
+                {**fixed, "bias": lin1.bias is not None}, node)
+
+
+def _cpb_linears(m: nn.Module, lay: Layout) -> tuple[str, str]:
+    """The names of the first and last Linear of the position bias MLP (inside it)."""
+    names = [n for n, c in m.get_submodule(lay.cpb).named_modules() if isinstance(c, nn.Linear)]
+    return names[0], names[-1]
+
+
 def analyse_levit(prop: Propagation, node: fx.Node, m: nn.Module, lay: Layout) -> Chan:
-    """LeViT's attention: whole heads of [q | k | v] (or [k | v] and a separate q) Linear + BatchNorm rows."""
+    """LeViT's attention: whole heads of [q | k | v] (or [k | v] and a separate q) Linear + BatchNorm rows (1x1
+    convolutions over an NCHW map in convolution mode)."""
     x, shape, _ = _start(prop, node, m, lay)
+    out_shape = node.meta["mdp_shape"]
     d = _open(prop, node, lay, m, False)
     for s in (d.q, d.v):
         prop.spaces[s].protected.append(f"q, k and v interleaved head by head in {node.target}")
@@ -438,9 +536,10 @@ def analyse_levit(prop: Propagation, node: fx.Node, m: nn.Module, lay: Layout) -
         _bind_linear_norm(prop, node, f"{name}.q.ln", (d.qk,), x.segs)
     _bind_linear_norm(prop, node, f"{name}.proj.ln", (d.eo,), (d.hv,))
     prop.bind(f"{name}.attention_biases", 0, (RawSeg((d.h,)),), node, "param")
-    n_k, n_q = shape[1], node.meta["mdp_shape"][1]
-    lin_k = linear_fixed(prop, (shape[0], n_k, shape[-1]), False)
-    lin_q = linear_fixed(prop, (shape[0], n_q, shape[-1]), False)
+    conv = lay.input == "nchw"
+    n_k, n_q = (math.prod(shape[2:]), math.prod(out_shape[2:])) if conv else (shape[1], out_shape[1])
+    lin_k = linear_fixed(prop, (shape[0], n_k, shape[1 if conv else -1]), False)
+    lin_q = linear_fixed(prop, (shape[0], n_q, shape[1 if conv else -1]), False)
     prop.add_op(f"{name}.{fused}", "linear", {"in": x.segs, "out": (per_head,)}, lin_k, node)
     if down:
         prop.add_op(f"{name}.q", "linear", {"in": x.segs, "out": (d.qk,)}, lin_q, node)
@@ -449,7 +548,7 @@ def analyse_levit(prop: Propagation, node: fx.Node, m: nn.Module, lay: Layout) -
                                               "v": (RawSeg((d.v,)),)}, core, node)
     prop.add_op(f"{name}.proj", "linear", {"in": (d.hv,), "out": (d.eo,)}, {**lin_q, "rank": 3}, node)
     prop.attention[name] = {"kind": lay.kind, "heads": d.h, "qk": d.q, "v": d.v}
-    return Chan(2, (d.eo,))
+    return Chan(1 if conv else 2, (d.eo,))
 
 
 def _bind_linear_norm(prop: Propagation, node: fx.Node, prefix: str, out: tuple[RawSeg, ...],
@@ -471,7 +570,7 @@ def _start(prop: Propagation, node: fx.Node, m: nn.Module, lay: Layout) -> tuple
     call = _call(node, m)
     x_arg = call.pop(next(iter(inspect.signature(m.forward).parameters)))
     uses_rope = _check_call(prop, node, m, lay, call, x_arg)
-    x, shape = _input(prop, node, x_arg)
+    x, shape = _input(prop, node, x_arg, 1 if lay.input == "nchw" else -1)
     return x, shape, uses_rope
 
 
@@ -528,11 +627,12 @@ def _check_mha_users(node: fx.Node, call: dict[str, Any]) -> None:
         raise AnalysisError(f"{where(node)}: its attention weights are used (by node {user.name}); not supported")
 
 
-def _input(prop: Propagation, node: fx.Node, arg: Any) -> tuple[Chan, tuple[int, ...]]:
+def _input(prop: Propagation, node: fx.Node, arg: Any, axis: int) -> tuple[Chan, tuple[int, ...]]:
     v = prop.value(arg)
     shape = arg.meta.get("mdp_shape") if isinstance(arg, fx.Node) else None
-    if not isinstance(v, Chan) or not isinstance(shape, tuple) or v.axis != len(shape) - 1:
-        raise AnalysisError(f"{where(node)}: the attention input must carry features on its last axis")
+    if not isinstance(v, Chan) or not isinstance(shape, tuple) or v.axis != axis % len(shape):
+        what = "its last axis" if axis == -1 else f"axis {axis}"
+        raise AnalysisError(f"{where(node)}: the attention input must carry features on {what}")
     return v, shape
 
 

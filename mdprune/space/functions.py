@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .errors import AnalysisError, where
-from .splits import SPLIT_RULES, keep_whole, reshape_channels, several_items, slice_channels
+from .splits import MAX_COPIES, SPLIT_RULES, keep_whole, reshape_channels, several_items, sized_like, slice_channels
 from .values import Chan, ParamRef, RawSeg, Several
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ UNARY = {
 BINARY = {"add", "iadd", "add_", "sub", "isub", "sub_", "mul", "imul", "mul_", "truediv", "div", "div_"}
 # Spatial ops on NCHW tensors: channels stay on axis 1.
 SPATIAL = {
-    "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "interpolate", "pad",
+    "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "interpolate",
     "upsample", "upsample_bilinear", "upsample_nearest",
 }
 REDUCE = {"mean", "sum", "amax", "amin", "nanmean"}
@@ -74,6 +74,11 @@ def _touches_channels(prop: Propagation, node: fx.Node) -> bool:
 
     fx.node.map_arg((node.args, node.kwargs), visit)
     return bool(found)
+
+
+def has_rule(name: str) -> bool:
+    """Whether mdprune has a channel rule for the function or method ``name``."""
+    return name in _RULES or name in UNARY or name in SHAPE
 
 
 def function_rule(prop: Propagation, node: fx.Node) -> Any:
@@ -123,9 +128,11 @@ def flatten_value(prop: Propagation, node: fx.Node, arg: Any, start: int, end: i
         return v
     if v.axis > end:
         return v.moved(v.axis - (end - start))
-    if any(shape[i] != 1 for i in range(start, v.axis)):
-        raise AnalysisError(f"{where(node)} flattens axes before the channel axis into it; not supported")
-    return Chan(start, v.widened(math.prod(shape[v.axis + 1:end + 1])).segs)
+    outer, inner = math.prod(shape[start:v.axis]), math.prod(shape[v.axis + 1:end + 1])
+    if outer * len(v.segs) > MAX_COPIES:  # positions folded in front of the channels: one copy each
+        return keep_whole(prop, node, Chan(start, v.segs), math.prod(shape[start:end + 1]),
+                          "repeats channels too often")
+    return Chan(start, tuple(s.widen(inner) for s in v.segs) * outer)
 
 
 NODE_KEY = "node:"  # prefix of a ``PruningSpace.normalized`` key that names a function call, not a module
@@ -156,6 +163,10 @@ def _binary(prop: Propagation, node: fx.Node) -> Any:
     if isinstance(va, Chan) and isinstance(vb, Chan):
         if len(sa) - va.axis != len(sb) - vb.axis:
             raise AnalysisError(f"{where(node)} combines tensors whose channels are on different axes")
+        if sa[va.axis] != sb[vb.axis] and 1 in (sa[va.axis], sb[vb.axis]):  # one channel broadcast to all
+            one, many = (va, vb) if sa[va.axis] == 1 else (vb, va)
+            prop.protect(one.segs, f"{where(node)} broadcasts a single channel against channels")
+            return many.moved(len(out) - (len(sa) - va.axis))
         prop.unify(va.segs, vb.segs, node)
         return va.moved(len(out) - (len(sa) - va.axis))
     if isinstance(vb, Chan):
@@ -226,6 +237,8 @@ def _flatten(prop: Propagation, node: fx.Node) -> Any:
 
 
 def _shape_args(node: fx.Node) -> list[Any]:
+    if node.target in ("reshape_as", "view_as"):
+        return []  # the shape comes from another tensor: no literal to patch
     rest = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
     if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
         return list(rest[0])
@@ -269,7 +282,10 @@ def _reshape(prop: Propagation, node: fx.Node) -> Any:
     if src[v.axis] == 1:
         raise AnalysisError(f"{where(node)} reshapes a single-channel axis; not supported")
     ga, gb = next((ga, gb) for ga, gb in groups if v.axis in ga)
-    return reshape_channels(prop, node, v, src, out, ga, gb, _shape_args(node))
+    new = reshape_channels(prop, node, v, src, out, ga, gb, _shape_args(node))
+    if node.target in ("reshape_as", "view_as"):
+        sized_like(prop, node, prop.value(node.args[1]), new)
+    return new
 
 
 def _permute_value(v: Any, order: list[int]) -> Any:
@@ -392,6 +408,44 @@ def _reduce(prop: Propagation, node: fx.Node) -> Any:
     return v if keep else v.moved(v.axis - sum(1 for d in dims if d < v.axis))
 
 
+def _pad(prop: Propagation, node: fx.Node) -> Any:
+    """``F.pad``: channels unchanged unless their axis is padded; padding them adds kept-whole channels."""
+    v, src, out = prop.value(node.args[0]), _shape(node.args[0]), node.meta.get("mdp_shape")
+    if isinstance(v, ParamRef):
+        raise AnalysisError(f"{where(node)} pads parameter {v.tensor}; not supported")
+    if not isinstance(v, Chan):
+        return None
+    pad, mode = _arg(node, 1, "pad"), _arg(node, 2, "mode", "constant")
+    k = 2 * (len(src) - 1 - v.axis)  # the channel axis's (before, after) pair, counted from the last axis
+    pair = tuple(pad[k:k + 2]) if isinstance(pad, (tuple, list)) else None
+    if pair is not None and (len(pair) < 2 or pair == (0, 0)):
+        return v
+    if pair is None or not all(isinstance(p, int) and p >= 0 for p in pair) or mode != "constant":
+        return keep_whole(prop, node, v, out[v.axis], "pads the channel axis")
+    reason = f"{where(node)} pads channels (the padding is a literal width)"
+    extra = [(RawSeg((prop.new_space(n, "channel", f"{node.name}:pad", protected=reason),)),) if n else ()
+             for n in pair]
+    return Chan(v.axis, extra[0] + v.segs + extra[1])
+
+
+def _roll(prop: Propagation, node: fx.Node) -> Any:
+    """``torch.roll``: channels unchanged when rolled along other axes only."""
+    v, src = prop.value(node.args[0]), _shape(node.args[0])
+    if isinstance(v, ParamRef):
+        raise AnalysisError(f"{where(node)} rolls parameter {v.tensor}; not supported")
+    if not isinstance(v, Chan):
+        return None
+    dims = _arg(node, 2, "dims")
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+        return keep_whole(prop, node, v, src[v.axis], "rolls the flattened tensor, channels included")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return keep_whole(prop, node, v, src[v.axis], "rolls along computed axes")
+    if v.axis in [d % len(src) for d in dims]:
+        return keep_whole(prop, node, v, src[v.axis], "rolls the channels")
+    return v
+
+
 def _spatial(prop: Propagation, node: fx.Node) -> Any:
     v = prop.value(node.args[0])
     if isinstance(v, Chan) and (v.axis != 1 or len(_shape(node.args[0])) != 4):
@@ -414,7 +468,11 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "cat": _cat,
     "flatten": _flatten,
     "reshape": _reshape,
+    "reshape_as": _reshape,
     "view": _reshape,
+    "view_as": _reshape,
+    "pad": _pad,
+    "roll": _roll,
     "transpose": _transpose,
     "swapaxes": _transpose,
     "permute": _permute,

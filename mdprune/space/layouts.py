@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import AnalysisError, where
@@ -291,12 +292,18 @@ class Layouts:
                           for s in self.leaves(segs))
 
     # ---- assembly ----------------------------------------------------------------------------------------
+    def defer(self, check: Callable[[], object]) -> None:
+        """Run ``check`` once every union is known (at :meth:`finish`): a check that may protect channels."""
+        self.__dict__.setdefault("_deferred", []).append(check)
+
     def finish(self, segs: list[tuple[RawSeg, ...]]) -> list[int]:
         """Settle refinements before assembly; returns the unrefined roots (one dimension each).
 
-        Expanding every recorded layout once protects the outer factors that concatenations unroll; then
-        refined roots hand their protections down to their parts.
+        Deferred checks run first. Expanding every recorded layout once protects the outer factors that
+        concatenations unroll; then refined roots hand their protections down to their parts.
         """
+        for check in self.__dict__.pop("_deferred", []):
+            check()
         for ss in segs:
             self.leaves(ss)
         roots = sorted({self.find(i) for i in range(len(self.spaces))})

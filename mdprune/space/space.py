@@ -132,17 +132,16 @@ class Op:
 
     def macs(self, sizes: dict[str, int]) -> int:
         """Multiply-accumulates of one forward pass at the given dimension sizes."""
+        from ..layers.registry import latency_op  # lazy: the layer kinds import the analysis
+
         w = self.widths(sizes)
         f = self.fixed
-        if self.kind == "conv2d":
-            kh, kw = f["kernel"]
-            per_out = kh * kw * (1 if f["depthwise"] else w["in"] // f["groups"])
-            return f["batch"] * f["out_hw"][0] * f["out_hw"][1] * w["out"] * per_out
-        if self.kind == "linear":
-            return f["batch"] * f["tokens"] * w["in"] * w["out"]
+        op = latency_op(self.kind)  # convolutions, linear layers, registered layers: their layer kind counts
+        if op is not None:
+            return op.macs(f, w) if op.macs is not None else 0
         if self.kind == "attention":
-            n = f["tokens"]
-            return f["batch"] * w["heads"] * n * n * (w["qk"] + w["v"])
+            n = f["tokens"]  # queries; keys and values: tokens_kv (fewer queries than keys: LeViT's subsample)
+            return f["batch"] * w["heads"] * n * f.get("tokens_kv", n) * (w["qk"] + w["v"])
         if self.kind == "node":
             return 0  # element-wise, pooling, norms: memory-bound, no multiply-accumulates counted
         raise ValueError(f"unknown op kind {self.kind!r}")

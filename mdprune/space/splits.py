@@ -11,6 +11,7 @@ only their producer.
 from __future__ import annotations
 
 import math
+import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -122,10 +123,158 @@ def reshape_channels(prop: Propagation, node: fx.Node, v: Chan, src: tuple[int, 
     elif len(ga) == 1:
         new = _split_axis(prop, node, v, [out[j] for j in gb], gb)
     else:
-        return keep_whole(prop, node, Chan(gb[0], v.segs), out[gb[0]], "reshapes channels across axes")
-    if len(literal) == len(out) and isinstance(literal[new.axis], int) and literal[new.axis] != -1:
+        new = _split_and_merge(prop, node, v, src, out, ga, gb)
+    lit = literal[new.axis] if len(literal) == len(out) else None
+    if isinstance(lit, int) and lit != -1:
         prop.patch(node, new.axis, new.segs)  # a literal width in the code: rewritten when slimming
+    elif isinstance(lit, fx.Node):
+        return _computed_width(prop, node, lit, new)
+    elif len(literal) == 1 and isinstance(literal[0], fx.Node):  # a whole shape: x.view(y.shape)
+        q = _size_query(literal[0])
+        if q is not None and not q[2] and len(q[1]) == len(out):
+            sized_like(prop, node, prop.value(q[0]), new)
+        else:
+            _protect_all(prop, node, [new.segs], "takes its shape from a value mdprune cannot follow")
     return new
+
+
+def _computed_width(prop: Propagation, node: fx.Node, lit: fx.Node, new: Chan) -> Chan:
+    """A reshape whose channel-axis size is computed from shapes (``B * C * nh`` from ``x.shape``).
+
+    The slim model recomputes it from its own shapes: right only if it is proportional to one channel count
+    that always keeps the same proportion to the reshaped channels (the same dimensions); else the channels it
+    reads and the reshaped ones are kept whole.
+    """
+    found: list[tuple[RawSeg, ...]] = []
+    factors = _channel_factors(prop, lit, found)
+    if factors is None or len(factors) != 1:
+        what = "sets its channel count by a value computed without any channel count" if factors == [] else \
+            "sets its channel count by a value mdprune cannot follow"
+        _protect_all(prop, node, [*found, new.segs], what)
+    else:  # channels tied later (a residual addition) may make them proportional: checked once all are known
+        prop.defer(lambda: _proportional(prop, factors[0], new.segs) or _protect_all(
+            prop, node, [*found, new.segs], "sets its channel count by a value computed from other channels"))
+    return new
+
+
+def sized_like(prop: Propagation, node: fx.Node, other: Any, new: Chan) -> None:
+    """``reshape_as(other)``: the slim model takes ``other``'s width, right only if it has the same channels."""
+    if isinstance(other, Chan) and other.axis == new.axis:
+        prop.defer(lambda: _proportional(prop, other.segs, new.segs) or _protect_all(
+            prop, node, [other.segs, new.segs], "takes its shape from a tensor with other channels"))
+    else:
+        _protect_all(prop, node, [new.segs], "takes its shape from a tensor without these channels")
+
+
+def _protect_all(prop: Propagation, node: fx.Node, segs: list[tuple[RawSeg, ...]], what: str) -> bool:
+    for s in segs:  # all kept whole: the computed size stays right
+        prop.protect(s, f"{where(node)} {what}")
+    return True
+
+
+def _channel_factors(prop: Propagation, a: Any, found: list[tuple[RawSeg, ...]]) -> list[tuple[RawSeg, ...]] | None:
+    """The channel counts the size ``a`` is a product (or quotient) of, None if one is used otherwise; every
+    channel count read on the way is added to ``found``."""
+    if not isinstance(a, fx.Node):
+        return []
+    q = _size_query(a)
+    if q is not None:
+        tensor, axes, single = q
+        v = prop.value(tensor)
+        if not isinstance(v, Chan) or v.axis not in axes:
+            return []
+        found.append(v.segs)
+        return [v.segs] if single else None
+    if isinstance(a.meta.get("mdp_shape"), (tuple, list)):  # a tensor's values, not a size
+        return []
+    if a.target in (operator.mul, operator.floordiv, operator.truediv) and len(a.args) == 2 and not a.kwargs:
+        x, y = (_channel_factors(prop, b, found) for b in a.args)
+        if x is not None and y is not None and (a.target is operator.mul or y == []):
+            return x + y
+        return None
+    parts = [_channel_factors(prop, x, found) for x in a.all_input_nodes]
+    return [] if all(p == [] for p in parts) else None
+
+
+def _size_query(a: fx.Node) -> tuple[fx.Node, tuple[int, ...], bool] | None:
+    """``a`` as (tensor, the axes whose sizes it holds, whether it is one size) if it reads a tensor's shape."""
+    if a.op == "call_function" and a.target is getattr and a.args[1:] == ("shape",) or \
+            a.op == "call_method" and a.target == "size":
+        t = a.args[0]
+        shape = t.meta.get("mdp_shape") if isinstance(t, fx.Node) else None
+        if not isinstance(shape, tuple):
+            return None
+        dim = a.args[1] if len(a.args) > 1 else a.kwargs.get("dim")
+        if isinstance(dim, int):
+            return t, (dim % len(shape),), True
+        return t, tuple(range(len(shape))), False
+    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+        base, idx = _size_query(a.args[0]), a.args[1]
+        if base is None or base[2]:
+            return None
+        if isinstance(idx, int):
+            return base[0], (base[1][idx],), True
+        if isinstance(idx, slice):
+            return base[0], tuple(base[1][idx]), False
+    return None
+
+
+def _proportional(prop: Propagation, a: tuple[RawSeg, ...], b: tuple[RawSeg, ...]) -> bool:
+    """Whether the widths of ``a`` and ``b`` keep the same ratio under every plan."""
+    pa, pb = _width_terms(prop, a), _width_terms(prop, b)
+    if pa.keys() != pb.keys() or not pa:
+        return False
+    k0 = next(iter(pa))
+    return all(pa[k] * pb[k0] == pb[k] * pa[k0] for k in pa)
+
+
+def _width_terms(prop: Propagation, segs: tuple[RawSeg, ...]) -> dict[tuple[int, ...], int]:
+    """The width of ``segs`` as a polynomial in the sizes of its prunable spaces: monomial -> coefficient."""
+    terms: dict[tuple[int, ...], int] = {}
+    for s in prop.leaves(segs):
+        roots = [prop.find(i) for i in s.spaces]
+        free = tuple(sorted(r for r in roots if not prop.spaces[r].protected and prop.spaces[r].size > 1))
+        const = math.prod(prop.spaces[r].size for r in roots if r not in free) * s.inner
+        terms[free] = terms.get(free, 0) + const
+    return terms
+
+
+def _split_and_merge(prop: Propagation, node: fx.Node, v: Chan, src: tuple[int, ...], out: tuple[int, ...],
+                     ga: list[int], gb: list[int]) -> Chan:
+    """A reshape that splits some axes and merges others (MobileViT's unfold ``(B, C, H, W) -> (B*C*nh, ph, nw,
+    pw)``): seen as splitting every axis into the common factors of both shapes, then merging factors."""
+    factors = _common_factors([src[i] for i in ga], [out[j] for j in gb])
+    if factors is None:  # e.g. (2, 3) -> (3, 2): no common factors
+        return keep_whole(prop, node, Chan(gb[0], v.segs), out[gb[0]], "reshapes channels across axes")
+    spans_a, spans_b = _spans([src[i] for i in ga], factors), _spans([out[j] for j in gb], factors)
+    lo, hi = spans_a[ga.index(v.axis)]
+    split = _split_axis(prop, node, v, factors[lo:hi], list(range(lo, hi))) if hi - lo > 1 else Chan(lo, v.segs)
+    c = split.axis  # the factor that carries the channels
+    q = next(k for k, (b_lo, b_hi) in enumerate(spans_b) if b_lo <= c < b_hi)
+    outer, inner = math.prod(factors[spans_b[q][0]:c]), math.prod(factors[c + 1:spans_b[q][1]])
+    if outer * len(split.segs) > MAX_COPIES:
+        return keep_whole(prop, node, Chan(gb[q], split.segs), out[gb[q]], "repeats channels too often")
+    return Chan(gb[q], tuple(s.widen(inner) for s in split.segs) * outer)
+
+
+def _common_factors(a: list[int], b: list[int]) -> list[int] | None:
+    """The coarsest sizes both ``a`` and ``b`` are row-major products of consecutive runs of, or None."""
+    ends = sorted({math.prod(a[i:]) for i in range(len(a))} | {math.prod(b[i:]) for i in range(len(b))} | {1})
+    if any(y % x for x, y in zip(ends, ends[1:], strict=False)):
+        return None
+    return [y // x for x, y in zip(ends, ends[1:], strict=False)][::-1]
+
+
+def _spans(sizes: list[int], factors: list[int]) -> list[tuple[int, int]]:
+    """For each axis of ``sizes``: the range of ``factors`` it is made of."""
+    spans, k = [], 0
+    for n in sizes:
+        start, acc = k, 1
+        while acc < n:
+            acc *= factors[k]
+            k += 1
+        spans.append((start, k))
+    return spans
 
 
 def _split_axis(prop: Propagation, node: fx.Node, v: Chan, sizes: list[int], gb: list[int]) -> Chan:

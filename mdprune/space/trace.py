@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import inspect
+import operator
 import os
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -16,11 +18,16 @@ from torch import nn
 
 from .attention import attention_adapter
 from .errors import AnalysisError, Problem, where
+from .inline import inline_wrapped
 from .modules import is_known_leaf
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, ignored: Sequence[str]):
+    """fx tracer with mdprune's leaves. Given the example inputs, a branch on shapes (``if H % p:``) follows the
+    example's shapes, with a guard in the graph that fails loudly if a later input (or a slim model) disagrees;
+    a branch on tensor values still fails."""
+
+    def __init__(self, ignored: Sequence[str], example_inputs: Sequence[torch.Tensor] = ()):
         autowrap = ()
         try:  # timm registers its assert helper and a few functions to keep as calls
             from timm.layers import _assert
@@ -31,6 +38,9 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=autowrap)
         self.ignored = tuple(ignored)
         self.failure: tuple[BaseException, str, type] | None = None  # the exception, where it was raised
+        self.example = tuple(example_inputs)
+        self.concrete = False  # while True, modules and parameters run as they are (evaluating shapes)
+        self.values: dict[fx.Node, tuple[Any, bool]] = {}  # node -> (example value, depends on tensor data)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.ignored:
@@ -41,12 +51,124 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
+        if self.concrete:
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as e:
             if self.failure is None or self.failure[0] is not e:  # the innermost module sees it first
                 self.failure = (e, self.path_of_module(m), type(m))
             raise
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        return attr_val if self.concrete else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self.shape_value(obj.node)
+        if value is _UNKNOWN:
+            return super().to_bool(obj)
+        value = bool(value)
+        cond = obj if value else self.create_proxy("call_function", operator.not_, (obj,), {})
+        self.create_proxy("call_function", torch._assert, (cond, _GUARD), {})
+        return value
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        value = self.shape_value(obj.node)
+        if not isinstance(value, (tuple, list)):
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(value))])
+
+    def shape_value(self, node: fx.Node) -> Any:
+        """The value ``node`` takes on the example inputs if it depends on their shapes only, else _UNKNOWN."""
+        if not self.example:
+            return _UNKNOWN
+        self.concrete = True
+        try:
+            with torch.no_grad():
+                for n in self.graph.nodes:
+                    if n not in self.values:
+                        self.values[n] = self._evaluate(n)
+                    if n is node:
+                        break
+        finally:
+            self.concrete = False
+        value, data = self.values.get(node, (_UNKNOWN, True))
+        return _UNKNOWN if data or isinstance(value, torch.Tensor) else value
+
+    def _evaluate(self, n: fx.Node) -> tuple[Any, bool]:
+        if n.op == "placeholder":
+            k = [m for m in self.graph.nodes if m.op == "placeholder"].index(n)
+            if k < len(self.example):  # a copy: an in-place op must not change the caller's tensor
+                return self.example[k].clone(), True
+            return n.args[0] if n.args else None, False
+        if n.op == "get_attr":
+            return _fetch(self.root, n.target), True
+        if any(self.values.get(a, (_UNKNOWN,))[0] is _UNKNOWN for a in n.all_input_nodes):
+            return _UNKNOWN, True
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.values[a][0])
+        try:
+            if n.op == "call_function":
+                out = n.target(*args, **kwargs)
+            elif n.op == "call_method":
+                out = getattr(args[0], n.target)(*args[1:], **kwargs)
+            elif n.op == "call_module":
+                out = self.root.get_submodule(n.target)(*args, **kwargs)
+            else:
+                return _UNKNOWN, True
+        except Exception:  # noqa: BLE001 - a value mdprune cannot compute is simply not known
+            return _UNKNOWN, True
+        return out, self._depends_on_data(n)
+
+    def _depends_on_data(self, n: fx.Node) -> bool:
+        """Whether ``n``'s value depends on tensor contents, not only on shapes (a tensor always does)."""
+        inputs = n.all_input_nodes
+        if _is_shape_query(n):
+            return any(_shape_depends_on_data(self.values, a) for a in inputs)
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        return any(self.values[a][1] for a in inputs) or n.op in ("call_module", "get_attr") or name in _RANDOM
+
+
+_UNKNOWN = object()
+_GUARD = "mdprune traced this model for the example input's shapes, and this shape-dependent branch now goes " \
+         "the other way"
+_SHAPE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
+# ops whose output shape depends on the input's values
+_DATA_SHAPED = {"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere", "repeat_interleave"}
+_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
+           "multinomial", "normal", "uniform_", "normal_", "bernoulli_", "exponential_", "random_"}
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _is_shape_query(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in _SHAPE_METHODS
+    if n.op == "call_function" and n.target is builtins.getattr:
+        return len(n.args) > 1 and n.args[1] in _SHAPE_ATTRS
+    return n.op == "call_function" and n.target is builtins.len
+
+
+def _shape_depends_on_data(values: dict[fx.Node, tuple[Any, bool]], node: fx.Node) -> bool:
+    """Whether the shape of ``node``'s value depends on tensor contents (a mask, ``nonzero``), recursively."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if name in _DATA_SHAPED or (n.op in ("call_function", "call_method") and name in ("getitem", "__getitem__")
+                                    and any(isinstance(values.get(a, (None,))[0], torch.Tensor)
+                                            and values[a][0].dtype == torch.bool for a in n.all_input_nodes[1:])):
+            return True
+        todo += n.all_input_nodes
+    return False
 
 
 def autograd_call(fn: type[torch.autograd.Function]) -> Callable[..., Any]:
@@ -90,11 +212,14 @@ def _fixed_args(model: nn.Module, n_inputs: int) -> dict[str, Any]:
             if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
 
 
-def trace(model: nn.Module, ignored_layers: Iterable[str] = (), n_inputs: int = 1) -> fx.GraphModule:
+def trace(model: nn.Module, ignored_layers: Iterable[str] = (), n_inputs: int = 1,
+          example_inputs: Sequence[torch.Tensor] = ()) -> fx.GraphModule:
     """Symbolically trace ``model``; known layers, attention modules and ``ignored_layers`` stay leaves.
 
     Forward arguments after the first ``n_inputs`` are frozen at their defaults. Custom autograd Functions stay
-    single calls. A failure raises an :class:`AnalysisError` naming the innermost module whose forward failed.
+    single calls; functions registered with ``torch.fx.wrap`` are traced into where they can be. With
+    ``example_inputs``, branches on shapes follow the example (guarded). A failure raises an
+    :class:`AnalysisError` naming the innermost module whose forward failed.
     """
     ignored = list(ignored_layers)
     names = dict(model.named_modules())
@@ -103,13 +228,15 @@ def trace(model: nn.Module, ignored_layers: Iterable[str] = (), n_inputs: int = 
         raise AnalysisError(f"ignored_layers names modules the model does not have: {missing}")
     was_training = model.training
     model.eval()
-    tracer = _Tracer(ignored)
+    tracer = _Tracer(ignored, example_inputs)
     try:
         with _autograd_functions_as_calls():
             graph = tracer.trace(model, concrete_args=_fixed_args(model, n_inputs) or None)
+            inline_wrapped(graph, lambda: _Tracer(()))
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise _trace_error(model, tracer, e) from e
     finally:
+        tracer.values.clear()  # example values: not kept alive
         model.train(was_training)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.train(was_training)
@@ -121,7 +248,7 @@ def _trace_error(model: nn.Module, tracer: _Tracer, e: Exception) -> AnalysisErr
     path, cls = "", type(model)
     if tracer.failure is not None and tracer.failure[0] is e:
         path, cls = tracer.failure[1], tracer.failure[2]
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if not _in_torch(f.filename)]
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not _in_torch(f.filename) and f.filename != __file__]
     line = ""
     if frames:
         f = frames[-1]

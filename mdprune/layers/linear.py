@@ -1,0 +1,54 @@
+"""Linear layers (``nn.Linear``, timm's ``Linear``): their channel rule, slim resize and latency op."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..space.values import Chan
+from .epilogues import with_epilogue
+from .registry import LatencyOp, LayerKind, builtin
+from .rules import add_op, bind, chan_input, new_channels, require_axis, tokens_and_batch
+
+if TYPE_CHECKING:
+    from ..space.channels import Propagation
+
+
+def linear_fixed(prop: Propagation, in_shape: tuple[int, ...], bias: bool) -> dict[str, Any]:
+    """Fixed signature of a linear layer applied to a tensor of ``in_shape`` (features last)."""
+    tokens, batch = tokens_and_batch(prop, in_shape)
+    return {"tokens": tokens, "batch": batch, "bias": bias, "rank": len(in_shape)}
+
+
+def linear_channels(prop: Propagation, node: fx.Node, m: nn.Linear) -> Chan:
+    """Input features on weight axis 1; new output features (kind ``mlp`` on token sequences)."""
+    x, in_shape = chan_input(prop, node, "features")
+    require_axis(node, x, -1, in_shape, "features")
+    bind(prop, node, "weight", 1, x.segs, "in")
+    out = new_channels(prop, node, m.out_features, "mlp" if len(in_shape) >= 3 else "linear")
+    bind(prop, node, "weight", 0, out, "out")
+    if m.bias is not None:
+        bind(prop, node, "bias", 0, out, "out")
+    add_op(prop, node, {"in": x, "out": out}, linear_fixed(prop, in_shape, m.bias is not None), "linear")
+    return Chan(len(in_shape) - 1, out)
+
+
+def resize_linear(new: nn.Linear, old: nn.Linear) -> None:
+    new.out_features, new.in_features = new.weight.shape
+
+
+def build_linear(fixed: dict[str, Any], w: dict[str, int], batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    lin = nn.Linear(w["in"], w["out"], bias=fixed["bias"])
+    shape = (batch, w["in"]) if fixed.get("rank", 3) == 2 else (batch, fixed["tokens"], w["in"])
+    return with_epilogue(lin, fixed, w["out"]), (torch.randn(shape),)
+
+
+def linear_macs(f: dict[str, Any], w: dict[str, int]) -> int:
+    return f["batch"] * f["tokens"] * w["in"] * w["out"]
+
+
+LINEAR = builtin(LayerKind("linear", (nn.Linear, "timm.layers.Linear"), linear_channels, resize_linear,
+                           LatencyOp(("in", "out"), build_linear, linear_macs)))

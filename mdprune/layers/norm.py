@@ -1,0 +1,124 @@
+"""Norms and per-channel scales: BatchNorm (frozen too), GroupNorm, LayerNorm, LayerScale, timm's norm + act.
+
+Their tensors hold one value per channel, so they follow their input's channels; their slim resize sets the
+size attributes from those tensors. A LayerNorm over pruned features is *normalised*: the masked model
+normalises over the kept features only (see apply/mask.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.fx as fx
+from torch import nn
+
+from ..space.errors import AnalysisError, where
+from ..space.functions import mark_normalized
+from ..space.values import Chan
+from .registry import ChannelRule, LayerKind, builtin, layer_kind
+from .rules import bind, chan_input, input_channels, require_axis
+
+if TYPE_CHECKING:
+    from ..space.channels import Propagation
+
+
+def per_channel(prop: Propagation, node: fx.Node, m: nn.Module, roles: dict[str, str], axis: int = 1) -> Chan:
+    """A layer whose tensors (``roles``: name -> role) each hold one value per channel of ``axis``."""
+    what = "channels" if axis == 1 else "features"
+    x = input_channels(prop, node, axis, what)
+    for t, role in roles.items():
+        if getattr(m, t, None) is not None:
+            bind(prop, node, t, 0, x.segs, role)
+    return x
+
+
+def batchnorm_channels(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
+    return per_channel(prop, node, m, {"weight": "affine", "bias": "affine", "running_mean": "stat",
+                                       "running_var": "stat"})
+
+
+def frozen_batchnorm_channels(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
+    """torchvision's / timm's FrozenBatchNorm2d: buffers only, so no gradient reads them (role ``stat``)."""
+    return per_channel(prop, node, m, dict.fromkeys(("weight", "bias", "running_mean", "running_var"), "stat"))
+
+
+def groupnorm_channels(prop: Propagation, node: fx.Node, m: nn.GroupNorm) -> Chan:
+    """One group per channel normalises each channel alone; other groupings keep the channels whole."""
+    x = per_channel(prop, node, m, {"weight": "affine", "bias": "affine"})
+    if m.num_groups != m.num_channels:
+        prop.protect(x.segs, f"GroupNorm {node.target} ({m.num_groups} groups of {m.num_channels} channels)")
+    return x
+
+
+def layernorm_channels(prop: Propagation, node: fx.Node, m: nn.LayerNorm) -> Chan:
+    x, shape = chan_input(prop, node, "features")
+    if len(m.normalized_shape) != 1:
+        raise AnalysisError(f"{where(node)} normalises over {len(m.normalized_shape)} axes; only 1 is supported")
+    require_axis(node, x, -1, shape, "features")
+    for t in ("weight", "bias"):
+        if getattr(m, t, None) is not None:
+            bind(prop, node, t, 0, x.segs, "norm")
+    mark_normalized(prop, node.target, x.segs)
+    return x
+
+
+def layerscale_channels(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
+    return per_channel(prop, node, m, {"gamma": "affine"}, axis=-1)
+
+
+def layerscale2d_channels(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
+    return per_channel(prop, node, m, {"gamma": "affine"})
+
+
+def resize_norm(new: nn.Module, old: nn.Module | None = None, width: int | None = None) -> None:
+    """Set a norm's size attributes to ``width`` (default: its per-channel tensors' length).
+
+    Covers BatchNorm, GroupNorm and LayerNorm with their subclasses (timm's norm + act modules), and modules
+    holding ``running_mean`` (frozen BatchNorms). A norm traced into is no module of the traced model: its
+    tensors are sliced where they are read, and its literal sizes patched in the graph.
+    """
+    if width is None:
+        ref = next((t for t in (getattr(new, a, None) for a in ("running_mean", "weight", "bias")) if t is not None),
+                   None)
+        if ref is None:
+            return  # nothing sized it
+        width = ref.shape[0]
+    if isinstance(new, nn.GroupNorm):
+        new.num_groups = width if new.num_groups == new.num_channels else new.num_groups
+        new.num_channels = width
+    elif isinstance(new, nn.LayerNorm):
+        if len(new.normalized_shape) == 1:
+            new.normalized_shape = (width,)
+    elif hasattr(new, "num_features"):
+        new.num_features = width
+
+
+def _elementwise(m: nn.Module | None) -> bool:
+    if m is None:
+        return True
+    kind = layer_kind(m)
+    return kind is not None and kind.name == "passthrough" and next(m.parameters(), None) is None
+
+
+def _drop_and_act_elementwise(m: nn.Module) -> bool:
+    """timm's norm + drop + activation modules: covered when their drop and act are parameter-free
+    pass-throughs (an activation mdprune does not know, or one with parameters, is traced into)."""
+    return all(_elementwise(getattr(m, a, None)) for a in ("drop", "act"))
+
+
+def _kind(name: str, types: tuple[Any, ...], rule: ChannelRule, norm_act: bool = False, resize: bool = True) -> None:
+    builtin(LayerKind(name, types, rule, resize_norm if resize else None,
+                      accepts=_drop_and_act_elementwise if norm_act else None))
+
+
+_NA = "timm.layers.norm_act."
+_kind("batchnorm", (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm), batchnorm_channels)
+_kind("frozen_batchnorm", ("torchvision.ops.misc.FrozenBatchNorm2d",), frozen_batchnorm_channels)
+_kind("groupnorm", (nn.GroupNorm, "timm.layers.GroupNorm", "timm.layers.GroupNorm1"), groupnorm_channels)
+_kind("layernorm", (nn.LayerNorm, "timm.layers.LayerNorm"), layernorm_channels)  # timm's: same computation
+_kind("layerscale", ("timm.layers.LayerScale",), layerscale_channels, resize=False)
+_kind("layerscale2d", ("timm.layers.LayerScale2d",), layerscale2d_channels, resize=False)
+_kind("batchnorm_act", (f"{_NA}BatchNormAct2d", f"{_NA}SyncBatchNormAct"), batchnorm_channels, norm_act=True)
+_kind("frozen_batchnorm_act", (f"{_NA}FrozenBatchNormAct2d",), frozen_batchnorm_channels, norm_act=True)
+_kind("groupnorm_act", (f"{_NA}GroupNormAct", f"{_NA}GroupNorm1Act"), groupnorm_channels, norm_act=True)
+_kind("layernorm_act", (f"{_NA}LayerNormAct",), layernorm_channels, norm_act=True)
