@@ -1,7 +1,7 @@
 """Does mdprune take the models users bring? (issue: model coverage)
 
 For each model (default: the list of the coverage issue): build it with random weights (norm scales drawn
-around 1, see ``trained_like_norms``), analyse it with no
+around 1 and other degenerate initial values replaced, see ``trained_like``), analyse it with no
 ignored layers, report the share of parameters and MACs a plan can change, check one random plan's slim model
 against its masked model (output, parameter count, MACs), then prune it one-shot to 50% of its measured dense
 latency with a small latency table (importance from two random batches), and measure the slim model beside the
@@ -59,17 +59,29 @@ def parse(entry: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def trained_like_norms(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Norm scales drawn around 1 and shifts around 0, as in trained models. Random initialisation leaves some
-    at exactly 0 (timm zero-initialises the last norm of every residual branch), which makes each such branch
-    output zero: removing it is then free, and every block goes at any budget."""
+def trained_like(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights that look trained where random initialisation leaves them degenerate.
+
+    Norm scales are drawn around 1 and shifts around 0. Random initialisation sets some to exactly 0 (timm
+    zero-initialises the last norm of every residual branch), layer scales to 1e-6 (ConvNeXt) and some
+    classifiers to zero (torchvision's ViT head): the loss then ignores whole branches or everything before the
+    head, every importance score is 0 there, and removing those blocks is free. Zero weight matrices get small
+    random values and constant layer scales below 1e-3 get values around 0.1, as trained models have.
+    """
     g = torch.Generator().manual_seed(seed)
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)) \
-                    and getattr(m, "weight", None) is not None:
+            if isinstance(m, norms) and getattr(m, "weight", None) is not None:
                 m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+        for _, p in model.named_parameters():
+            first = p.flatten()[0]
+            if p.numel() > 1 and bool((p == first).all()):
+                if p.dim() >= 2 and float(first) == 0.0:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
+                elif 0.0 < abs(float(first)) < 1e-3:
+                    p.copy_(0.1 * (1.0 + 0.3 * torch.randn(p.shape, generator=g)))
     return model
 
 
@@ -89,7 +101,7 @@ def run_model(entry: str, input_size: int | None, budget: str, seed: int) -> dic
     t0 = time.monotonic()
     torch.manual_seed(seed)
     try:
-        model = trained_like_norms(mdprune.create_model(name, num_classes=10, **kwargs).eval(), seed)
+        model = trained_like(mdprune.create_model(name, num_classes=10, **kwargs).eval(), seed)
         c, h, w = default_input_size(model)
         if input_size is not None:
             h = w = input_size
@@ -121,8 +133,23 @@ def run_model(entry: str, input_size: int | None, budget: str, seed: int) -> dic
         settings = LatencySettings(grid_points=2, grid_points_3d=2,
                                    timing=TimingSettings(warmup=1, reps=3, rounds=2, min_sample_ms=0.5))
         with tempfile.TemporaryDirectory() as cache:
-            _, report = mdprune.prune(model, x, budget, data=data, lut=cache, settings=settings, space=space,
-                                      importance_batches=2, verify_rounds=1, time_limit=30.0)
+            def prune_at(b: str | float):
+                return mdprune.prune(model, x, b, data=data, lut=cache, settings=settings, space=space,
+                                     importance_batches=2, verify_rounds=1, time_limit=30.0)[1]
+
+            attempt: str | float = budget
+            for tries in range(3):  # an unreachable budget: say how far width pruning goes, and prune that far
+                try:
+                    report = prune_at(attempt)
+                    break
+                except mdprune.InfeasibleBudget as e:
+                    fraction = float(str(attempt).rstrip("%")) / 100
+                    floor = e.minimum / (e.budget / fraction)  # the smallest latency as a share of dense
+                    row.setdefault("unreachable", {"budget": budget, "smallest_fraction": floor})
+                    if tries == 2:
+                        raise
+                    # next try as a share of dense, with room: each call calibrates on a fresh measurement
+                    attempt = f"{min(99.0, 100 * floor * (1.1 + 0.1 * tries)):.1f}%"
         row.update(target_fraction=report.target_ms / report.dense_ms,
                    measured_fraction=report.measured_ms / report.measured_dense_ms,
                    params_after=report.params[1], params_before=report.params[0],
@@ -136,11 +163,26 @@ def run_model(entry: str, input_size: int | None, budget: str, seed: int) -> dic
 def line(r: dict) -> str:
     if "error" in r:
         return f"{r['model'][:48]:48s} FAILED at {r['stage']}: {r['error'][:200]}"
+    note = f" (budget unreachable: smallest {100 * r['unreachable']['smallest_fraction']:.1f}% of dense)" \
+        if r.get("unreachable") and r["unreachable"].get("smallest_fraction") else ""
     return (f"{r['model'][:48]:48s} params {100 * r['params_share']:5.1f}% MACs {100 * r['macs_share']:5.1f}% "
             f"changeable | slim=masked {r['slim_vs_masked']:.1e} params {'ok' if r['params_exact'] else 'OFF'} "
             f"MACs {'ok' if r['macs_exact'] else 'OFF'} | 50% budget -> measured "
             f"{100 * r['measured_fraction']:5.1f}% of dense, {r['blocks_removed']}/{r['blocks']} blocks removed "
-            f"| {r['seconds']:.0f} s")
+            f"| {r['seconds']:.0f} s{note}")
+
+
+def summarize(rows: list[dict]) -> dict:
+    ok = [r for r in rows if "error" not in r]
+    return {
+        "models": len(rows), "pruned": len(ok),
+        "failed": {r["model"]: f"{r['stage']}: {r['error']}" for r in rows if "error" in r},
+        "below_80pct_macs": [r["model"] for r in ok if r["macs_share"] < 0.8],
+        "below_25pct_latency": [r["model"] for r in ok if r["measured_fraction"] < 0.25],
+        "unreachable": {r["model"]: r["unreachable"] for r in ok if r.get("unreachable")},
+        "inexact": [r["model"] for r in ok if r["slim_vs_masked"] > 1e-4 or not (r["params_exact"]
+                                                                                  and r["macs_exact"])],
+    }
 
 
 def main() -> None:
@@ -150,23 +192,20 @@ def main() -> None:
     ap.add_argument("--budget", default="50%")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "coverage.json"))
+    ap.add_argument("--update", action="store_true", help="replace only these models' rows in --out")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
     for entry in args.models:
         rows.append(run_model(entry, args.input_size, args.budget, args.seed))
         print(line(rows[-1]), flush=True)
-    ok = [r for r in rows if "error" not in r]
-    summary = {
-        "models": len(rows), "pruned": len(ok),
-        "failed": {r["model"]: f"{r['stage']}: {r['error']}" for r in rows if "error" in r},
-        "below_80pct_macs": [r["model"] for r in ok if r["macs_share"] < 0.8],
-        "below_25pct_latency": [r["model"] for r in ok if r["measured_fraction"] < 0.25],
-        "inexact": [r["model"] for r in ok if r["slim_vs_masked"] > 1e-4 or not (r["params_exact"]
-                                                                                  and r["macs_exact"])],
-    }
-    print(json.dumps(summary, indent=1))
     out = Path(args.out)
+    if args.update and out.exists():  # keep the other models' rows of the earlier run
+        fresh = {r["model"] for r in rows}
+        earlier = json.loads(out.read_text())["rows"]
+        rows = [r for r in earlier if r["model"] not in fresh] + rows
+    summary = summarize(rows)
+    print(json.dumps(summary, indent=1))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                                "budget": args.budget, "summary": summary, "rows": rows}, indent=1, default=str))

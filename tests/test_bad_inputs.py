@@ -165,3 +165,20 @@ def test_a_run_directory_that_cannot_be_written_is_an_error_not_a_traceback(tmp_
         os.chmod(tmp_path / "ro", 0o700)
     err = capsys.readouterr().err
     assert code == 2 and "cannot read or write" in err and "Traceback" not in err
+
+
+def test_a_model_whose_loss_ignores_every_prunable_element_is_refused():
+    import torch
+    from torch import nn
+
+    import mdprune
+    from mdprune.importance import estimate
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 4))
+    nn.init.zeros_(model[5].weight)  # a zero-initialised classifier, as torchvision's ViT head
+    space = mdprune.analyze(model, torch.randn(1, 3, 8, 8))
+    assert space.prunable_dims()
+    data = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))]
+    with pytest.raises(ValueError, match="every importance score is zero .* zero-initialised classifier"):
+        estimate(space, model, data)

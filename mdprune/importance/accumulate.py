@@ -149,6 +149,12 @@ class ImportanceAccumulator:
         if self.batches == 0:
             raise RuntimeError("no batches accumulated: call step() after backward()")
         raw = {n: (s / self.batches).cpu().numpy() for n, s in self.sums.items()}
+        if raw and not any(np.any(v != 0) for v in raw.values()):
+            raise ValueError(
+                f"every importance score is zero after {self.batches} batch(es): the loss does not change with any "
+                "prunable element, so any plan would look as good as any other. Is the model untrained (a "
+                "zero-initialised classifier, such as torchvision's ViT head, passes no gradient back) or the "
+                "loss constant? Load trained weights (--checkpoint) or train the model first.")
         return normalize_scores(self.space, raw, normalize, self.criterion)
 
 
