@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import mdprune
 
@@ -24,6 +26,18 @@ MODELS = {
     "tiny_cnn": ("tests.models:tiny_cnn", {}, (2, 3, 8, 8), {"channel": 4}),
     "tiny_vit": ("tests.models:tiny_vit", {}, (2, 3, 16, 16), {"embed": 8, "mlp": 16, "qk": 2, "v": 2}),
 }
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``a``."""
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+
+
+def measured_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs counted by PyTorch's own FlopCounterMode (math attention, so the matmuls are visible)."""
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(x)
+    return fc.get_total_flops() // 2
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import mdprune
 from mdprune import Plan
 
-from .conftest import MODELS, build
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
-
-
-def measured_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """MACs counted by PyTorch's own FlopCounterMode (math attention, so the matmuls are visible)."""
-    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-        model(x)
-    return fc.get_total_flops() // 2
+from .conftest import MODELS, build, measured_macs, rel_err
 
 
 @pytest.mark.parametrize("key", list(MODELS))

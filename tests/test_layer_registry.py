@@ -14,13 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import mdprune
 from mdprune import Plan, layers
 from mdprune.latency import LatencySettings, TimingSettings, build, open_table
 from mdprune.latency.ops import ROLES, op_module
 from mdprune.layers import registry
+
+from .conftest import measured_macs, rel_err
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -44,15 +45,6 @@ def readme(clean_registry) -> dict[str, Any]:
     exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - the README's example, run as the test
     return ns
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
-
-
-def measured_macs(model: nn.Module, x: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    return fc.get_total_flops() // 2
 
 
 def net(conv: type[nn.Module]) -> nn.Module:

@@ -14,22 +14,12 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import mdprune
 from mdprune import AnalysisError, Plan
 from mdprune.space.trace import record_shapes, trace
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
-
-
-def measured_macs(model: nn.Module, x: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-        model(x)
-    return fc.get_total_flops() // 2
+from .conftest import measured_macs, rel_err
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
