@@ -40,6 +40,36 @@ def measured_macs(model: nn.Module, x: torch.Tensor) -> int:
     return fc.get_total_flops() // 2
 
 
+def check_plan(space: mdprune.PruningSpace, plan: mdprune.Plan, x: torch.Tensor,
+               dense: torch.Tensor | None = None, label: str = "") -> bool:
+    """The exactness contract for one plan: the slim model's output equals the masked model's (and ``dense``,
+    the dense output, when given: an identity plan), and its parameters and MACs are what the space predicts.
+    Returns whether the plan pruned any parameter."""
+    sizes, removed = plan.sizes(space), set(plan.removed)
+    m, s = mdprune.masked(space, plan).eval(), mdprune.slim(space, plan).eval()
+    with torch.no_grad():
+        a, b = m(x), s(x)
+    assert rel_err(a, b) <= 1e-4, f"{label}: slim differs from masked"
+    assert sum(p.numel() for p in s.parameters()) == space.count_params(sizes, removed), label
+    assert measured_macs(s, x) == space.count_macs(sizes, removed), label
+    if dense is not None:
+        assert rel_err(dense, b) <= 1e-4, f"{label}: identity plan changed the output"
+    return space.count_params(sizes, removed) < space.count_params()
+
+
+def check_exact(model: nn.Module, x: torch.Tensor, seeds: tuple[int, ...] = (1, 2), block_prob: float = 0.3
+                ) -> mdprune.PruningSpace:
+    """Analyse ``model``; the identity plan gives the dense output and every random plan prunes, exactly."""
+    space = mdprune.analyze(model, x)
+    with torch.no_grad():
+        dense = model(x)
+    check_plan(space, mdprune.Plan.identity(), x, dense, "identity")
+    for seed in seeds:
+        assert check_plan(space, mdprune.Plan.random(space, seed=seed, block_prob=block_prob), x,
+                          label=f"seed {seed}"), f"seed {seed} pruned nothing"
+    return space
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give norms non-trivial statistics and affine parameters, so that masking errors would show."""
     g = torch.Generator().manual_seed(seed)

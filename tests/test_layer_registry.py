@@ -21,7 +21,7 @@ from mdprune.latency import LatencySettings, TimingSettings, build, open_table
 from mdprune.latency.ops import ROLES, op_module
 from mdprune.layers import registry
 
-from .conftest import measured_macs, rel_err
+from .conftest import check_plan, rel_err
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -113,18 +113,11 @@ def test_readme_layer_analyses_and_slims_exactly(readme):
     assert [op.kind for op in space.ops if op.name in ("stem", "a", "b")] == ["ScaledConv"] * 3
     assert {"stem.weight", "stem.scale", "a.weight", "b.scale"} <= set(space.tensors)
     assert space.prunable_dims() and space.blocks  # the residual block is removable
-    for seed in (0, 1, 2, 3):
-        plan = Plan.identity() if seed == 0 else Plan.random(space, seed=seed, block_prob=0.3)
-        sizes, removed = plan.sizes(space), set(plan.removed)
-        masked, slim = mdprune.masked(space, plan).eval(), mdprune.slim(space, plan).eval()
-        with torch.no_grad():
-            a, b = masked(x), slim(x)
-        assert rel_err(a, b) <= 1e-4, f"seed {seed}: slim differs from masked"
-        assert sum(p.numel() for p in slim.parameters()) == space.count_params(sizes, removed)
-        assert measured_macs(slim, x) == space.count_macs(sizes, removed)
-        if seed == 0:
-            with torch.no_grad():
-                assert rel_err(model(x), b) <= 1e-4
+    with torch.no_grad():
+        dense = model(x)
+    check_plan(space, Plan.identity(), x, dense, "identity")
+    for seed in (1, 2, 3):
+        check_plan(space, Plan.random(space, seed=seed, block_prob=0.3), x, label=f"seed {seed}")
     slim = mdprune.slim(space, Plan.uniform(space, 0.5))
     a = slim.get_submodule("a")
     assert type(a) is scaled and (a.out_channels, a.in_channels) == tuple(a.weight.shape[:2]) == (8, 8)

@@ -19,7 +19,7 @@ import mdprune
 from mdprune import AnalysisError, Plan
 from mdprune.space.trace import record_shapes, trace
 
-from .conftest import measured_macs, rel_err
+from .conftest import check_exact
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -35,26 +35,6 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_var.uniform_(0.5, 2.0, generator=g)
     return model.eval()
 
-
-def check_exact(model: nn.Module, x: torch.Tensor, seeds: tuple[int, ...] = (1, 2)) -> mdprune.PruningSpace:
-    """Identity plan = dense; random plans: slim = masked, parameters and MACs as the space predicts."""
-    space = mdprune.analyze(model, x)
-    with torch.no_grad():
-        dense = model(x)
-    for seed in (0, *seeds):
-        plan = Plan.identity() if seed == 0 else Plan.random(space, seed=seed, block_prob=0.3)
-        sizes, removed = plan.sizes(space), set(plan.removed)
-        m, s = mdprune.masked(space, plan).eval(), mdprune.slim(space, plan).eval()
-        with torch.no_grad():
-            a, b = m(x), s(x)
-        assert rel_err(a, b) <= 1e-4, f"seed {seed}: slim differs from masked"
-        assert sum(p.numel() for p in s.parameters()) == space.count_params(sizes, removed), f"seed {seed}"
-        assert measured_macs(s, x) == space.count_macs(sizes, removed), f"seed {seed}"
-        if seed == 0:
-            assert rel_err(dense, b) <= 1e-4
-        else:
-            assert space.count_params(sizes, removed) < space.count_params()
-    return space
 
 
 def prunable_kinds(space: mdprune.PruningSpace) -> set[str]:
