@@ -28,13 +28,11 @@ import torch
 from torch import nn
 
 import mdprune
-from mdprune.budget_check import solve_within_measured_budget
 from mdprune.importance import estimate
-from mdprune.latency import LatencySettings, TimingSettings, measure_models
+from mdprune.latency import LatencySettings, TimingSettings, measure_models, open_table
 from mdprune.models import create_model
-from mdprune.one_call import calibrated_model, open_lut
+from mdprune.search import calibrated_model, solve_plan, solve_within_measured_budget
 from mdprune.solve import InfeasibleBudget, Solution
-from mdprune.solve.from_space import solve_plan
 from mdprune.train.bn import recalibrate_bn
 from mdprune.train.data import builtin, loader
 from mdprune.train.loop import TrainConfig, evaluate, make_optimizer, make_scheduler, train_epoch
@@ -110,7 +108,7 @@ class Pruner:
     def __init__(self, dense: nn.Module, x: torch.Tensor, settings: LatencySettings, lut: Path):
         self.dense, self.settings = dense, settings
         self.space = mdprune.analyze(dense, x)
-        table = open_lut(lut, settings)
+        table = open_table(settings, lut)
         self.models = {}
         for mode in ("table", "linear"):
             self.models[mode], self.dense_ms = calibrated_model(self.space, table, settings, mode)

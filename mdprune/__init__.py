@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Plan": ".apply", "PlanError": ".apply", "PrunedAttention": ".apply", "masked": ".apply", "slim": ".apply",
+    "Plan": ".space", "PlanError": ".space", "PrunedAttention": ".apply", "masked": ".apply", "slim": ".apply",
     "export_onnx": ".apply.io", "load": ".apply.io", "save": ".apply.io",
     "create_model": ".models", "register_layer": ".layers",
     "PruneReport": ".one_call", "prune": ".one_call",
@@ -30,13 +30,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .apply import Plan, PlanError, PrunedAttention, masked, slim
+    from .apply import PrunedAttention, masked, slim
     from .apply.io import export_onnx, load, save
     from .layers import register_layer
     from .models import create_model
     from .one_call import PruneReport, prune
     from .solve import InfeasibleBudget
-    from .space import AnalysisError, Block, Dimension, Op, PruningSpace, analyze
+    from .space import AnalysisError, Block, Dimension, Op, Plan, PlanError, PruningSpace, analyze
 
 
 def __getattr__(name: str) -> Any:

@@ -6,8 +6,6 @@ exactly -> slim -> measure. Fine-tuning is up to the caller (or ``mdprune prune`
 
 from __future__ import annotations
 
-import math
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,20 +17,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .apply import Plan, slim
-from .budget_check import solve_within_measured_budget
+from .apply import slim
 from .importance import estimate
-from .latency import (
-    LatencyModel,
-    LatencySettings,
-    LatencyTable,
-    build,
-    calibration_plans,
-    measure_models,
-    open_table,
-)
-from .solve.from_space import solve_plan
-from .space import PruningSpace, analyze
+from .latency import LatencySettings, LatencyTable, open_table
+from .search import calibrated_model, check_budget, parse_budget, solve_plan, solve_within_measured_budget
+from .space import Plan, PruningSpace, analyze
 
 
 @dataclass
@@ -72,65 +61,6 @@ class PruneReport:
                 f"{self.predicted_ms:.3f} ms, {m}; params {self.params[1]:,} of {self.params[0]:,}; "
                 f"{len(self.removed_blocks)} blocks removed; solver {self.solver['status']} "
                 f"(gap {self.solver['gap']:.2e}, {self.solver['seconds']:.2f} s)")
-
-
-def _read_budget(budget: str | float, unit: str) -> tuple[float, bool]:
-    """(value, is a percentage) of a budget as users write it: ``"50%"``, ``"12ms"``, ``12``, ``"2G"``."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
-        raise ValueError(f"cannot read budget {budget!r}: use '50%' or a number of {unit}")
-    if isinstance(budget, (int, float)):
-        value, percent = float(budget), False
-    else:
-        text = budget.strip().lower()
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(%|ms|k|m|g)?", text)
-        if not m:
-            raise ValueError(f"cannot read budget {budget!r}: use '50%' or a number of {unit}")
-        scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(m.group(2) or "", 1.0)
-        value, percent = float(m.group(1)) * scale, m.group(2) == "%"
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"budget {budget!r} must be positive: use '50%' or a number of {unit}")
-    if percent and value >= 100:
-        raise ValueError(f"budget {budget!r} is at or above the dense model: nothing would be pruned; ask for less "
-                         "than 100%")
-    return value, percent
-
-
-def check_budget(budget: str | float, what: str = "latency") -> None:
-    """Refuse a budget that cannot be read or makes no sense, before anything is measured."""
-    _read_budget(budget, {"latency": "ms"}.get(what, what))
-
-
-def parse_budget(budget: str | float, reference: float, unit: str = "ms") -> float:
-    """``"50%"`` of ``reference``, ``"12ms"``/``12.0`` as an absolute value; counts accept ``"60%"``, ``"2G"``,
-    ``"500k"``."""
-    value, percent = _read_budget(budget, unit)
-    return value / 100.0 * reference if percent else value
-
-
-def open_lut(lut: str | Path | LatencyTable | None, settings: LatencySettings) -> LatencyTable:
-    """A latency table from a table object, a table file, a cache directory, or the default cache."""
-    if isinstance(lut, LatencyTable):
-        return lut
-    if lut is not None and Path(lut).suffix == ".json":
-        table = LatencyTable.load(lut, expect=settings.fingerprint()) if Path(lut).exists() else \
-            LatencyTable(settings.fingerprint(), Path(lut))
-        return table
-    return open_table(settings, lut)
-
-
-def calibrated_model(space: PruningSpace, table: LatencyTable, settings: LatencySettings, mode: str = "table",
-                     references: bool = True, progress: bool = False) -> tuple[LatencyModel, dict[str, float]]:
-    """Build what the table lacks, then calibrate on end-to-end measurements of this run.
-
-    Returns the model and the measured dense latency with its noise figure.
-    """
-    build(space, table, settings, progress=progress, calibrate=False)
-    refs = calibration_plans(space) if references else []
-    models = {"dense": slim(space, Plan.identity())} | {f"ref{i}": slim(space, p) for i, p in enumerate(refs)}
-    measured = measure_models(models, space, settings, progress=progress)
-    lm = LatencyModel(space, table, mode, settings.grid_points, settings.grid_points_3d)
-    lm.calibrate(measured["dense"].ms, [(p, measured[f"ref{i}"].ms) for i, p in enumerate(refs)])
-    return lm, {"ms": measured["dense"].ms, "noise": measured["dense"].noise}
 
 
 def prune(
@@ -177,7 +107,7 @@ def prune(
         time_limit: solver time limit in seconds (the best solution found and its gap are reported).
         measure: measure the slim model beside the dense one (needed for ``verify_rounds``).
         verify_rounds: re-solves allowed, with a tighter solver budget, while the slim model's measured
-            latency misses the budget by more than 3% (see :mod:`mdprune.budget_check`).
+            latency misses the budget by more than 3% (see :mod:`mdprune.search.measured`).
 
     Returns:
         The slim model and a :class:`PruneReport`.
@@ -200,7 +130,7 @@ def prune(
     seconds["analyze"] = time.monotonic() - t0
 
     t = time.monotonic()
-    table = open_lut(lut, settings)
+    table = open_table(settings, lut)
     lm, dense = calibrated_model(space, table, settings, mode, calibrate_scale, progress)
     seconds["latency"] = time.monotonic() - t
 

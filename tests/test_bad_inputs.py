@@ -9,7 +9,7 @@ import pytest
 
 from mdprune.cli import main
 from mdprune.latency import LatencySettings, LatencyTable, TableError, fingerprint, open_table
-from mdprune.one_call import parse_budget
+from mdprune.search import parse_budget
 from mdprune.train.loop import TrainConfig
 from mdprune.train.run import PruneRun
 from mdprune.train.rundir import RunDir, RunDirError

@@ -17,8 +17,8 @@ from mdprune.apply.mask import GATES, gate_name
 from mdprune.importance import ImportanceAccumulator, block_key, block_probes, estimate
 from mdprune.latency import LatencyModel, LatencyTable, fingerprint
 from mdprune.latency.model import interpolate, role_widths
+from mdprune.search import build_problem, plan_from_solution
 from mdprune.solve import evaluate, solve
-from mdprune.solve.from_space import build_problem, plan_from_solution
 
 from .conftest import build, randomize_norms
 

@@ -7,9 +7,9 @@ import torch
 
 import mdprune
 from mdprune.latency import LatencyModel, LatencySettings, LatencyTable, TimingSettings, fingerprint
-from mdprune.one_call import parse_budget, prune
+from mdprune.one_call import prune
+from mdprune.search import build_problem, parse_budget, plan_from_solution, solve_plan
 from mdprune.solve import InfeasibleBudget, evaluate, solve
-from mdprune.solve.from_space import build_problem, plan_from_solution, solve_plan
 
 from .conftest import build
 
@@ -119,7 +119,7 @@ def _fake_measurements(lm: LatencyModel, error: float):
 
 @pytest.mark.parametrize("error, rounds", [(0.25, 3), (0.25, 0), (0.0, 3), (-0.25, 3)])
 def test_a_plan_is_solved_again_until_its_measured_latency_fits_the_budget(error, rounds):
-    from mdprune import budget_check
+    from mdprune.search import measured as budget_check
 
     _, _, space = build("tiny_cnn")
     lm, scores = _fake(space), _scores(space)
@@ -152,7 +152,7 @@ def test_a_plan_is_solved_again_until_its_measured_latency_fits_the_budget(error
 
 
 def test_when_the_budget_cannot_be_tightened_further_the_last_plan_is_kept():
-    from mdprune import budget_check
+    from mdprune.search import measured as budget_check
 
     _, _, space = build("tiny_cnn")
     lm, scores = _fake(space), _scores(space)

@@ -198,13 +198,13 @@ def test_an_unreachable_target_is_refused_before_any_training(tmp_path):
 
 @pytest.mark.parametrize("final", [False, True])
 def test_a_step_below_the_smallest_reachable_latency_takes_the_smallest_plan(final, tmp_path):
-    from mdprune.one_call import calibrated_model, open_lut
+    from mdprune.latency import open_table
     from mdprune.report import write_report
-    from mdprune.solve.from_space import smallest_latency
+    from mdprune.search import calibrated_model, smallest_latency
 
     run = PruneRun(config(tmp_path), tmp_path / "run")
     run.setup()
-    run.lm, dense = calibrated_model(run.space, open_lut(run.cfg.lut, run.settings), run.settings)
+    run.lm, dense = calibrated_model(run.space, open_table(run.settings, run.cfg.lut), run.settings)
     floor = smallest_latency(run.space, run.lm)
     run.state_latency = {"target_ms": 0.5 * floor, "dense_ms": dense["ms"]}
     said: list[str] = []

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..space import PruningSpace, Seg
-from .plan import Plan
+from ..space import Plan, PruningSpace, Seg
 
 
 class Positions:

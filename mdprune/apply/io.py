@@ -12,8 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..models import rebuild
-from ..space import analyze
-from .plan import Plan
+from ..space import Plan, analyze
 from .slim import slim
 
 FORMAT = "mdprune-model/1"

@@ -17,10 +17,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..space import PruningSpace
+from ..space import Plan, PruningSpace
 from ..space.functions import NODE_KEY
 from .indices import Positions
-from .plan import Plan
 
 GATES = "mdprune_gates"
 NORM_CALLS = "mdprune_norms"  # masked layer_norm calls (norm modules traced into)

@@ -11,10 +11,9 @@ from torch import nn
 
 from ..layers.norm import resize_norm
 from ..layers.registry import layer_kind
-from ..space import PruningSpace
+from ..space import Plan, PruningSpace
 from .attention import slim_attention
 from .indices import Positions
-from .plan import Plan
 
 
 def load_dense_weights(space: PruningSpace, model: nn.Module | None) -> fx.GraphModule:

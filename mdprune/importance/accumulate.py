@@ -18,7 +18,7 @@ the criterion and the normalisation of the kind of that stream (:func:`block_kin
 ``fisher`` for a transformer's embedding), divided by the same mean as the dimensions of its group (the mean is
 taken over dimension elements only): a block's score and an element's score are the same loss-change estimate
 on the same scale. The solver adds a block's score to the value of the dimensions inside it (see
-:func:`mdprune.solve.from_space.build_problem`).
+:func:`mdprune.search.build_problem`).
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from ..apply import Plan, slim
+from ..apply import slim
 from ..progress import progress_bar
-from ..space import Op, PruningSpace
+from ..space import Op, Plan, PruningSpace
 from .backends import Backend, backend_name, get_backend
 from .loadwatch import LoadWatch
 from .model import LatencyModel
@@ -65,9 +65,17 @@ class BuildReport:
     worst_slowdown: float = 0.0  # the load canary's largest slow-down against its best time in this build
 
 
-def open_table(settings: LatencySettings, cache_dir: str | Path | None = None) -> LatencyTable:
-    """The cached table for ``settings``' fingerprint (created empty if absent)."""
-    table = LatencyTable.open(cache_dir or default_cache_dir(), settings.fingerprint())
+def open_table(settings: LatencySettings, where: str | Path | LatencyTable | None = None) -> LatencyTable:
+    """The latency table for ``settings``: ``where`` is a table object (used as is), a table file (``.json``;
+    created empty if absent, refused if measured under another fingerprint), or a cache directory (default
+    ``~/.cache/mdprune/lut``) holding one table per fingerprint."""
+    if isinstance(where, LatencyTable):
+        return where
+    if where is not None and Path(where).suffix == ".json":
+        path = Path(where)
+        return LatencyTable.load(path, expect=settings.fingerprint()) if path.exists() else \
+            LatencyTable(settings.fingerprint(), path)
+    table = LatencyTable.open(where or default_cache_dir(), settings.fingerprint())
     table.timing = settings.timing.to_dict()
     return table
 

@@ -30,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..apply import Plan
-from ..space import Op, PruningSpace, Seg
+from ..space import Op, Plan, PruningSpace, Seg
 from .ops import ROLES
 from .table import LatencyTable, signature
 

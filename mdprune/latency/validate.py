@@ -6,8 +6,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..apply import Plan, slim
-from ..space import PruningSpace
+from ..apply import slim
+from ..space import Plan, PruningSpace
 from .build import LatencySettings, measure_models
 from .model import LatencyModel
 from .table import LatencyTable

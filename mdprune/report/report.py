@@ -119,7 +119,7 @@ def _solver_steps(history: list[dict[str, Any]]) -> list[str]:
 
 
 def _budget_checks(history: list[dict[str, Any]]) -> list[str]:
-    """The final plan measured against its budget, once per solve (see ``mdprune.budget_check``)."""
+    """The final plan measured against its budget, once per solve (see ``mdprune.search.measured``)."""
     checks = [c for step in history for c in step.get("checks") or []]
     if not checks:
         return []

@@ -19,17 +19,22 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..apply import Plan, slim
+from ..apply import slim
 from ..apply.io import save
-from ..budget_check import solve_within_measured_budget
 from ..importance import ImportanceAccumulator
-from ..latency import Backend, LatencyModel, measure_models
+from ..latency import Backend, LatencyModel, measure_models, open_table
 from ..models import load_checkpoint
-from ..one_call import calibrated_model, check_budget, open_lut, parse_budget
 from ..progress import progress_bar
+from ..search import (
+    calibrated_model,
+    check_budget,
+    parse_budget,
+    smallest_latency,
+    solve_plan,
+    solve_within_measured_budget,
+)
 from ..solve import InfeasibleBudget
-from ..solve.from_space import smallest_latency, solve_plan
-from ..space import PruningSpace, analyze
+from ..space import Plan, PruningSpace, analyze
 from . import distributed as dist
 from .bn import recalibrate_bn
 from .config import RunConfig, data_spec, latency_settings, run_data, run_model
@@ -126,7 +131,7 @@ class PruneRun:
             if self.resuming:
                 changed = f"; changed settings: {self.dir.changed}" if self.d.main and self.dir.changed else ""
                 self.log(f"resuming: phase {state['phase']}, epoch {state['epoch']}{changed}")
-            self.lm = LatencyModel(self.space, open_lut(self.cfg.lut, self.settings), self.cfg.mode,
+            self.lm = LatencyModel(self.space, open_table(self.settings, self.cfg.lut), self.cfg.mode,
                                    self.settings.grid_points, self.settings.grid_points_3d)
             self.lm.scale, self.lm.constant = state["latency"]["scale"], state["latency"]["constant"]
             self.state_latency = state["latency"]
@@ -141,7 +146,7 @@ class PruneRun:
         """Measure the dense model, calibrate the latency model, evaluate the dense model (rank 0)."""
         cfg = self.cfg
         self.log(f"analysed {cfg.model}: {self.space.summary()}")
-        table = open_lut(cfg.lut, self.settings)
+        table = open_table(self.settings, cfg.lut)
         lm, dense = calibrated_model(self.space, table, self.settings, cfg.mode, True, self.progress)
         target = parse_budget(cfg.budget, dense["ms"])
         if target >= dense["ms"]:
@@ -173,7 +178,7 @@ class PruneRun:
     def _solve(self, scores: dict[str, Any], budget: float, current: Plan, final: bool = False
                ) -> tuple[Plan, dict[str, Any]]:
         """Rank 0 solves; every rank gets the same plan. The final step's plan is held to its budget on
-        measured latency (see :mod:`mdprune.budget_check`). A step whose budget is below the smallest latency
+        measured latency (see :mod:`mdprune.search.measured`). A step whose budget is below the smallest latency
         reachable from the current plan takes the smallest reachable plan, and says so."""
         cfg = self.cfg
         out = None

@@ -13,12 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ..apply import Plan
 from ..importance import BLOCK_PREFIX, block_key, kept_value
 from ..latency import LatencyModel
-from ..space import PruningSpace, Seg, TensorAxes
-from .problem import CostTerm, DimChoice, Problem, Resource, Solution
-from .solver import minimum_usage, solve
+from ..solve import CostTerm, DimChoice, Problem, Resource, Solution, minimum_usage, solve
+from ..space import Plan, PruningSpace, Seg, TensorAxes
 
 
 def build_problem(space: PruningSpace, scores: Mapping[str, np.ndarray], latency: LatencyModel,
@@ -247,13 +245,22 @@ def solve_plan(space: PruningSpace, scores: Mapping[str, np.ndarray], latency: L
     return plan_from_solution(space, sol, scores, current), sol
 
 
+def smallest_usage(space: PruningSpace, latency: LatencyModel, resource: str = "latency", *,
+                   current: Plan | None = None, **problem: Any) -> float:
+    """The smallest predicted latency (``resource="latency"``), parameter or MAC count any plan reaches, each
+    resource on its own (``problem``: the other arguments of :func:`build_problem`; budgets are ignored,
+    ``min_blocks_kept`` is honoured)."""
+    problem = {k: v for k, v in problem.items() if k not in ("params", "macs")}
+    if resource != "latency":
+        problem[resource] = 1e30
+    scores = {d.name: np.ones(d.size) for d in space.prunable_dims()}
+    return minimum_usage(build_problem(space, scores, latency, 1e30, current=current, **problem), resource)
+
+
 def smallest_latency(space: PruningSpace, latency: LatencyModel, *, current: Plan | None = None,
                      **problem: Any) -> float:
-    """The smallest predicted latency any plan reaches (``problem``: the other arguments of
-    :func:`build_problem`; budgets on parameters or MACs are ignored, ``min_blocks_kept`` is honoured)."""
-    problem = {k: v for k, v in problem.items() if k not in ("params", "macs")}
-    scores = {d.name: np.ones(d.size) for d in space.prunable_dims()}
-    return minimum_usage(build_problem(space, scores, latency, 1e30, current=current, **problem), "latency")
+    """The smallest predicted latency any plan reaches (see :func:`smallest_usage`)."""
+    return smallest_usage(space, latency, "latency", current=current, **problem)
 
 
 def _rank_current(kept: list[int], size: int) -> np.ndarray:

@@ -17,10 +17,10 @@ from typing import Any
 
 from torch import nn
 
-from .apply import Plan, slim
-from .latency import LatencyModel, LatencySettings, Measurement, measure_models
-from .solve import InfeasibleBudget
-from .space import PruningSpace
+from ..apply import slim
+from ..latency import LatencyModel, LatencySettings, Measurement, measure_models
+from ..solve import InfeasibleBudget
+from ..space import Plan, PruningSpace
 
 
 def solve_within_measured_budget(

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..space import PruningSpace
+from .space import PruningSpace
 
 
 class PlanError(ValueError):
