@@ -176,18 +176,21 @@ def zero_pruned_(t: torch.Tensor, axes: dict[int, torch.Tensor]) -> None:
     for axis, keep in axes.items():
         view = [1] * t.dim()
         view[axis] = -1
-        t.mul_(keep.to(device=t.device, dtype=t.dtype).view(view))
+        t.mul_(keep.view(view) if keep.dtype == t.dtype and keep.device == t.device else
+               keep.to(device=t.device, dtype=t.dtype).view(view))
 
 
 @torch.no_grad()
 def apply_masks_(model: fx.GraphModule, space: PruningSpace, plan: Plan) -> dict[str, dict[int, torch.Tensor]]:
     """Zero what ``plan`` prunes in a model made by :func:`prepare_masked`; set gates and LayerNorm masks.
 
-    Returns the tensor masks, so a training loop can hold gradients and optimizer state at zero too.
+    Returns the tensor masks, each on its tensor's device (copied there once, not on every hold), so a
+    training loop can hold gradients and optimizer state at zero too.
     """
     plan.validate(space)
-    masks = tensor_masks(space, plan)
     named = dict(model.named_parameters()) | dict(model.named_buffers())
+    masks = {name: {a: m.to(named[name].device, non_blocking=True) for a, m in axes.items()}
+             for name, axes in tensor_masks(space, plan).items()}
     for name, axes in masks.items():
         zero_pruned_(named[name], axes)
     removed = set(plan.removed)

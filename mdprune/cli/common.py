@@ -67,6 +67,38 @@ def unsupported(args: argparse.Namespace) -> str:
     return "keep" if getattr(args, "keep_unsupported", False) else "error"
 
 
+def add_deployment_args(g: argparse._ArgumentGroup, prefix: str = "") -> None:
+    """How the measured model is deployed (applied alike to table ops and end-to-end measurements, recorded in
+    the table's fingerprint); ``prefix`` ("latency-") where the name alone would read as a training setting."""
+    g.add_argument(f"--{prefix}channels-last", dest="channels_last", action="store_true",
+                   help="measure in channels-last (NHWC) layout")
+    g.add_argument(f"--{prefix}autocast", dest="autocast", action="store_true",
+                   help="reach the half dtype by torch.autocast over float32 weights instead of casting the model")
+    g.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                   help="CUDA: do not let cuDNN autotune each shape (default: autotune)")
+    g.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                   help="CUDA: TF32 in float32 matmuls and convolutions (default: PyTorch's, convolutions only)")
+    g.add_argument("--attention-regimes", choices=["auto", "on", "off"], default="auto",
+                   help="measure attention off the q/k == v diagonal too, where the fast kernel does not apply "
+                        "(default auto: on CUDA)")
+
+
+def deployment_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """LatencySettings fields of :func:`add_deployment_args`' options that differ from the defaults."""
+    out: dict[str, Any] = {}
+    if args.channels_last:
+        out["channels_last"] = True
+    if args.autocast:
+        out["autocast"] = True
+    if not args.cudnn_benchmark:
+        out["cudnn_benchmark"] = False
+    if args.tf32 != "default":
+        out["tf32"] = args.tf32 == "on"
+    if args.attention_regimes != "auto":
+        out["attention_regimes"] = args.attention_regimes == "on"
+    return out
+
+
 def human(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:

@@ -7,10 +7,12 @@ measurement mdprune takes: :class:`FlopsBackend` gives deterministic "latencies"
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -51,27 +53,90 @@ class EagerBackend(TimedBackend):
 
 
 class OnnxRuntimeBackend(TimedBackend):
-    """ONNX Runtime on the CPU: the module is exported (TorchScript exporter) and run by an InferenceSession."""
+    """ONNX Runtime: the module is exported (TorchScript exporter) and run by an InferenceSession.
+
+    On the CPU with the CPU provider. With ``device="cuda[:N]"`` with the CUDA provider only (never a silent
+    fallback to the CPU provider, whose times would fill a "cuda" table), inputs and outputs bound on the GPU,
+    timed on the host clock (ONNX Runtime synchronises its stream at the end of each run; CUDA events on
+    PyTorch's stream would time nothing). Needs ``onnxruntime-gpu`` for CUDA: refused without it.
+    """
 
     name = "onnxruntime"
 
-    def __init__(self, threads: int = 1):
+    def __init__(self, threads: int = 1, device: str = "cpu"):
         self.threads = threads
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            require_cuda_provider()
+        elif self.device.type != "cpu":
+            raise ValueError(f"the onnxruntime backend runs on cpu or cuda, not {device!r}")
 
     def runner(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise RuntimeError("the onnxruntime backend needs `pip install mdprune[onnx]`") from e
+        ort = _onnxruntime()
         buf = io.BytesIO()
         with torch.no_grad():
             torch.onnx.export(module.eval().cpu(), tuple(x.cpu() for x in inputs), buf, dynamo=False)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
+        if self.device.type == "cuda":
+            return self._cuda_runner(ort, buf.getvalue(), opts, inputs)
         sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
         feeds = {i.name: x.cpu().numpy() for i, x in zip(sess.get_inputs(), inputs, strict=False)}
         return lambda: sess.run(None, feeds)
+
+    def _cuda_runner(self, ort: Any, model: bytes, opts: Any, inputs: tuple[torch.Tensor, ...]
+                     ) -> Callable[[], Any]:
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        sess = ort.InferenceSession(model, opts, providers=[("CUDAExecutionProvider", {"device_id": index})])
+        if "CUDAExecutionProvider" not in sess.get_providers():
+            raise RuntimeError("onnxruntime could not start its CUDA provider (CUDA or cuDNN libraries missing?): "
+                               "refusing to time the CPU provider for a cuda table")
+        held = [x.to(f"cuda:{index}").contiguous() for x in inputs]
+        binding = sess.io_binding()
+        for i, x in zip(sess.get_inputs(), held, strict=False):
+            binding.bind_input(i.name, "cuda", index, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
+        for o in sess.get_outputs():
+            binding.bind_output(o.name, "cuda", index)
+
+        return _Bound(sess, binding, held)
+
+    def measure(self, runners: Mapping[Hashable, Callable[[], Any]], timing: TimingSettings,
+                on_round: Callable[[int], None] | None = None) -> dict[Hashable, Measurement]:
+        if self.device.type == "cuda":  # host clock, no descheduling filter: the thread waits on the GPU
+            timing = dataclasses.replace(timing, device="cpu", min_busy=0.0)
+        return measure_many(runners, timing, on_round=on_round)
+
+
+class _Bound:
+    """One ONNX Runtime run on inputs bound on the GPU (which it keeps alive)."""
+
+    def __init__(self, sess: Any, binding: Any, inputs: list[torch.Tensor]):
+        self.sess, self.binding, self.inputs = sess, binding, inputs
+
+    def __call__(self) -> None:
+        self.sess.run_with_iobinding(self.binding)
+
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64}
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise RuntimeError("the onnxruntime backend needs `pip install mdprune[onnx]`") from e
+    return ort
+
+
+def require_cuda_provider() -> None:
+    """Refuse ONNX Runtime on CUDA unless its CUDA provider is installed (``onnxruntime-gpu``)."""
+    ort = _onnxruntime()
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise ValueError("the onnxruntime backend on cuda needs ONNX Runtime's CUDA provider (pip install "
+                         f"onnxruntime-gpu); this onnxruntime has {available}: measure with --backend eager, or "
+                         "measure onnxruntime on --device cpu")
 
 
 class _Counted:
@@ -139,14 +204,15 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return []
 
 
-def get_backend(backend: str | Backend, threads: int = 1) -> Backend:
-    """The backend named ``backend`` (``eager``, ``onnxruntime``, ``flops``), or ``backend`` itself."""
+def get_backend(backend: str | Backend, threads: int = 1, device: str = "cpu") -> Backend:
+    """The backend named ``backend`` (``eager``, ``onnxruntime``, ``flops``) for ``device``, or ``backend``
+    itself."""
     if not isinstance(backend, str):
         return backend
     if backend == "eager":
         return EagerBackend()
     if backend == "onnxruntime":
-        return OnnxRuntimeBackend(threads)
+        return OnnxRuntimeBackend(threads, device)
     if backend == "flops":
         return FlopsBackend()
     raise ValueError(f"unknown latency backend {backend!r}; choose eager, onnxruntime or flops")

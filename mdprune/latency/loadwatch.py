@@ -24,8 +24,13 @@ _CANARY = {"kernel": (3, 3), "stride": (1, 1), "padding": (1, 1), "dilation": (1
 class LoadWatch:
     """Times a canary (a 32-channel 3x3 convolution on 16x16) with every chunk and remembers each chunk's."""
 
-    def __init__(self, backend: Any, batch: int, device: str, dtype: torch.dtype):
+    def __init__(self, backend: Any, batch: int, device: str, dtype: torch.dtype,
+                 prepare: Callable[[Any, tuple[torch.Tensor, ...]], tuple[Any, tuple[torch.Tensor, ...]]] | None = None
+                 ) -> None:
+        """``prepare(module, inputs)``: deploys the canary as the measured ops are (layout, autocast)."""
         module, inputs = op_module("conv2d", _CANARY, {"in": 32, "out": 32}, batch, device, dtype)
+        if prepare is not None:
+            module, inputs = prepare(module, inputs)
         self.runner: Callable[[], Any] = backend.runner(module, inputs)
         self.best = float("inf")
         self.worst_slowdown = 0.0

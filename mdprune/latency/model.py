@@ -32,6 +32,7 @@ import numpy as np
 
 from ..space import Op, Plan, PruningSpace, Seg
 from .ops import ROLES
+from .regimes import OFFDIAG, attention_ms, diagonal_points, regime_signature, split_values
 from .table import LatencyTable, signature
 
 MAX_COMBINATIONS = 200_000
@@ -145,14 +146,18 @@ class LatencyModel:
         self.constant = 0.0
         self.scale = 1.0
         self.calibrated = False
+        self.calibration_error: float | None = None  # set by calibrate() when reference plans were measured
         self.grids = [self._grid(op, grid_points, grid_points_3d) for op in space.ops]
         self._values: list[np.ndarray] | None = None
+        self._regimes: dict[int, tuple] = {}
         self._fits: dict[int, _Fit] = {}
 
     def frozen_at(self, sizes: dict[str, int]) -> LatencyModel:
         """The same model with input widths frozen at ``sizes`` (HALP's "current" widths while pruning)."""
         lm = LatencyModel(self.space, self.table, self.mode, self.grid_points, self.grid_points_3d, sizes)
         lm.constant, lm.scale, lm.calibrated, lm._values = self.constant, self.scale, self.calibrated, self._values
+        lm.calibration_error = self.calibration_error
+        lm._regimes = self._regimes
         return lm
 
     def _grid(self, op: Op, n2: int, n3: int) -> OpGrid:
@@ -223,8 +228,22 @@ class LatencyModel:
                         p = (p[1], p[1])
                     v[idx] = self.table.get(g.sig, p)
                 vals.append(v)
+            self._regimes = {}  # attention ops measured off their fast diagonal too (see .regimes)
+            for i, g in enumerate(self.grids):
+                if g.op.kind == "attention" and g.split is None:
+                    key = regime_signature(g.sig, OFFDIAG)
+                    got = {p: self.table.get(key, p) for p in diagonal_points(g.axes)}
+                    r = split_values(g.axes, vals[i], {p: v for p, v in got.items() if v is not None})
+                    if r is not None:
+                        self._regimes[i] = r
             self._values = vals
         return self._values
+
+    def _interp(self, i: int, q: list[np.ndarray]) -> np.ndarray:
+        """Op ``i``'s table interpolated at ``q`` (two surfaces for attention with kernel regimes)."""
+        vals = self._grid_values()
+        r = self._regimes.get(i)
+        return interpolate(self.grids[i].axes, vals[i], q) if r is None else attention_ms(self.grids[i].axes, *r, q)
 
     def op_ms(self, i: int, sizes: dict[str, int]) -> float:
         """Latency of op ``i`` when every dimension keeps ``sizes[d]`` elements."""
@@ -237,7 +256,7 @@ class LatencyModel:
         q = [np.asarray(g.frozen.get(r, w[r])) for r in g.roles]
         if g.op.kind == "conv2d" and g.op.fixed["depthwise"]:
             q[0] = q[1]
-        return float(interpolate(g.axes, self._grid_values()[i], q))
+        return float(self._interp(i, q))
 
     def ops_ms(self, sizes: dict[str, int], removed: set[str] | frozenset = frozenset()) -> float:
         return sum(self.op_ms(i, sizes) for i, op in enumerate(self.space.ops) if op.block not in removed)
@@ -272,6 +291,9 @@ class LatencyModel:
         self.scale = min(self.scale, dense_ms / ops_dense) if ops_dense > 0 else self.scale
         self.constant = dense_ms - self.scale * ops_dense
         self.calibrated = True
+        # the largest relative error left on the references: how far a correction may move a solver budget
+        errors = [abs(ms / self.predict_plan(plan) - 1.0) for plan, ms in references or [] if ms > 0]
+        self.calibration_error = max(errors, default=None)
 
     # ---- for the solver ----------------------------------------------------------------------------------
     def terms(self, i: int) -> list[tuple[str, tuple[str, ...], np.ndarray]]:
@@ -315,7 +337,7 @@ class LatencyModel:
              for r in g.roles]
         if g.op.kind == "conv2d" and g.op.fixed["depthwise"]:
             q[0] = q[1]
-        return dims, self.scale * np.asarray(interpolate(g.axes, self._grid_values()[i], q))
+        return dims, self.scale * np.asarray(self._interp(i, q))
 
     def _env(self, dims: tuple[str, ...]) -> dict[str, np.ndarray]:
         widths = [np.asarray(self.space.dims[d].widths()) for d in dims]

@@ -157,11 +157,47 @@ _BUILDERS = {"attention": _attention, "node": _node}
 
 def op_module(kind: str, fixed: dict[str, Any], widths: dict[str, int], batch: int, device: str = "cpu",
               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """An op of ``kind`` with signature ``fixed`` at ``widths``, and inputs of batch ``batch``."""
+    """An op of ``kind`` with signature ``fixed`` at ``widths``, and inputs of batch ``batch``.
+
+    Built directly on ``device`` (weights and random inputs drawn there: no host-side random numbers copied
+    over, which at a large batch costs far more than timing on a GPU), then cast to ``dtype``.
+    """
     op = latency_op(kind)
     build = op.build if op is not None else _BUILDERS.get(kind)
     if build is None:
         raise ValueError(f"no latency builder for op kind {kind!r}")
-    module, inputs = build(fixed, widths, batch)
-    module = _fill(module).to(device=device, dtype=dtype)
+    with torch.device(device):
+        module, inputs = build(fixed, widths, batch)
+        module = _fill(module).to(device=device, dtype=dtype)
     return module, tuple(x.to(device=device, dtype=dtype) for x in inputs)
+
+
+def op_bytes(kind: str, fixed: dict[str, Any], widths: dict[str, int], batch: int,
+             dtype: torch.dtype = torch.float32) -> tuple[int, int]:
+    """Memory of one op point, from a build on the ``meta`` device (nothing allocated): what stays allocated
+    while its chunk is measured (weights and inputs), and what one call adds while it runs (its outputs).
+    A builder that cannot run on ``meta`` is sized by its weights and inputs, the output taken as large as
+    its largest input."""
+    size = torch.empty((), dtype=dtype).element_size()
+    try:
+        module, inputs = op_module(kind, fixed, widths, batch, "meta", dtype)
+    except Exception:  # noqa: BLE001 - sizing must not stop a build: the caller measures such a point alone
+        return -1, -1
+    held = sum(t.numel() for t in [*module.parameters(), *module.buffers(), *inputs]) * size
+    try:
+        with torch.no_grad():
+            out = module(*inputs)
+        running = sum(t.numel() for t in _tensors(out)) * size
+    except Exception:  # noqa: BLE001 - an op that cannot run on meta: estimate its output by its inputs
+        running = max((t.numel() for t in inputs), default=0) * size
+    return held, running
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []

@@ -53,18 +53,25 @@ def _processor() -> str:
 
 
 def fingerprint(device: str = "cpu", threads: int = 1, dtype: torch.dtype = torch.float32, batch: int = 1,
-                backend: str = "eager") -> dict[str, Any]:
-    """What a latency measurement depends on: hardware, software, threads, dtype, batch and runtime."""
+                backend: str = "eager", deployment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a latency measurement depends on: hardware, software, threads, dtype, batch and runtime.
+
+    On CUDA also the GPU, its compute capability, the CUDA runtime and driver versions, the NVIDIA driver,
+    cuDNN, and every ``deployment`` setting (layout, autocast, cuDNN autotuning, TF32); elsewhere the
+    deployment settings that differ from plain eager execution (so existing CPU tables keep their key).
+    """
     dev = torch.device(device)
     fp: dict[str, Any] = {
         "device": dev.type, "processor": _processor(), "arch": platform.machine(), "torch": torch.__version__,
         "threads": threads if dev.type == "cpu" else None, "dtype": str(dtype).removeprefix("torch."),
         "batch": batch, "backend": backend, "method": METHOD,
     }
+    deployment = dict(deployment or {})
     if dev.type == "cuda":
-        fp["gpu"] = torch.cuda.get_device_name(dev)
-        fp["cuda"] = torch.version.cuda
-        fp["driver"] = _cuda_driver()
+        fp.update(cuda_fingerprint(dev))
+        fp.update(deployment)
+    else:
+        fp.update({k: v for k, v in deployment.items() if v and k in ("channels_last", "autocast")})
     if backend == "onnxruntime":
         import onnxruntime
 
@@ -72,11 +79,43 @@ def fingerprint(device: str = "cpu", threads: int = 1, dtype: torch.dtype = torc
     return fp
 
 
-def _cuda_driver() -> str | None:
+def cuda_fingerprint(dev: torch.device) -> dict[str, Any]:
+    """The GPU and its software: name, compute capability, CUDA runtime and driver API, NVIDIA driver, cuDNN."""
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"gpu": torch.cuda.get_device_name(index), "capability": f"{major}.{minor}", "cuda": torch.version.cuda,
+            "cuda_driver": _cuda_driver_api(), "driver": _nvidia_driver(), "cudnn": cudnn}
+
+
+def _cuda_driver_api() -> int | None:
+    """The CUDA driver API version (e.g. 12040), from the driver through PyTorch."""
     try:
-        return str(torch.cuda.get_device_properties(0).driver_version)  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):
+        return int(torch._C._cuda_getDriverVersion())  # noqa: SLF001 - no public accessor
+    except (AttributeError, RuntimeError, TypeError, ValueError):
         return None
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA kernel driver version (e.g. ``550.54.15``): /proc on Linux, else NVML if installed."""
+    try:
+        with open(NVIDIA_VERSION_FILE) as f:
+            for word in f.readline().split():
+                if word.count(".") >= 1 and word.replace(".", "").isdigit():
+                    return word
+    except OSError:
+        pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:  # noqa: BLE001 - NVML absent or failing: the version is unknown, not an error
+        return None
+
+
+NVIDIA_VERSION_FILE = "/proc/driver/nvidia/version"
 
 
 def _plain(x: Any) -> Any:
@@ -87,10 +126,28 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def signature(op: Op) -> str:
-    """The table key of an op: its kind and fixed parameters except the batch."""
+def unbatched(op: Op) -> dict[str, Any]:
+    """An op's fixed parameters without the batch it was analysed at: no ``batch`` entry, and a replayed node's
+    batched arguments with their leading size written as ``"B"`` (the builder sets it to the table's batch)."""
     fixed = {k: v for k, v in op.fixed.items() if k != "batch"}
-    return op.kind + ":" + json.dumps(_plain(fixed), sort_keys=True, separators=(",", ":"))
+    if op.kind == "node":
+        for key in ("args", "kwargs"):
+            if key in fixed:
+                items = fixed[key].items() if isinstance(fixed[key], dict) else enumerate(fixed[key])
+                new = {k: _unbatch_arg(v) for k, v in items}
+                fixed[key] = new if isinstance(fixed[key], dict) else list(new.values())
+    return _plain(fixed)
+
+
+def _unbatch_arg(a: Any) -> Any:
+    if isinstance(a, dict) and a.get("batched") and a.get("shape"):
+        return {**a, "shape": ["B", *list(a["shape"])[1:]]}
+    return a
+
+
+def signature(op: Op) -> str:
+    """The table key of an op: its kind and fixed parameters, independent of the batch it was analysed at."""
+    return op.kind + ":" + json.dumps(unbatched(op), sort_keys=True, separators=(",", ":"))
 
 
 def point_key(widths: tuple[int, ...]) -> str:
@@ -117,14 +174,15 @@ class LatencyTable:
         v = self.ops.get(sig, {}).get("points", {}).get(point_key(widths))
         return None if v is None else (v[0], v[1], v[2] if len(v) > 2 else 1)
 
-    def put(self, op: Op, widths: tuple[int, ...], ms: float, noise: float) -> None:
-        """Store a measurement; a point measured before keeps the faster of the two."""
+    def put(self, op: Op, widths: tuple[int, ...], ms: float, noise: float, regime: str | None = None) -> None:
+        """Store a measurement; a point measured before keeps the faster of the two. ``regime``: a kernel regime
+        other than the dispatcher's choice (see :mod:`mdprune.latency.regimes`), kept under its own key."""
         if not (math.isfinite(ms) and ms > 0 and math.isfinite(noise)):
             raise ValueError(f"op {op.name} at widths {widths} measured {ms!r} ms (noise {noise!r}): a latency "
                              "must be a positive finite number; the measurement backend is broken")
-        sig = signature(op)
-        entry = self.ops.setdefault(sig, {"kind": op.kind, "fixed": _plain(
-            {k: v for k, v in op.fixed.items() if k != "batch"}), "roles": list(ROLES[op.kind]), "points": {}})
+        sig = signature(op) if regime is None else f"{signature(op)}#{regime}"
+        entry = self.ops.setdefault(sig, {"kind": op.kind, "fixed": unbatched(op), "roles": list(ROLES[op.kind]),
+                                          "points": {}, **({"regime": regime} if regime else {})})
         old = self.entry(sig, widths)
         if old is None:
             entry["points"][point_key(widths)] = [ms, noise, 1]

@@ -7,6 +7,9 @@ spread 5-19%, and load drifts over minutes. So every measurement here
 - drops samples whose CPU time is well below their wall time (the thread was descheduled) and re-takes them,
 - runs in rounds, interleaved in a fresh random order across everything measured together,
 - reports the minimum over rounds of the per-round median, with the spread of round medians as its noise.
+
+On a GPU, samples are timed by CUDA events on the measured device's current stream (``cuda:1`` is timed on
+``cuda:1``, whichever device is current), synchronising that device only.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class Timer:
 
     def __init__(self, settings: TimingSettings):
         self.s = settings
-        self.cuda = torch.device(settings.device).type == "cuda"
+        self.device = torch.device(settings.device)
+        self.cuda = self.device.type == "cuda"
         self._cpu_clock = time.thread_time_ns if settings.threads == 1 else time.process_time_ns
         self._busy = settings.min_busy if settings.threads == 1 else 0.9 * settings.threads
 
@@ -75,12 +79,13 @@ class Timer:
         """One sample: milliseconds per call, and whether it ran undisturbed."""
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
+            stream = torch.cuda.current_stream(self.device)
+            torch.cuda.synchronize(self.device)
+            start.record(stream)
             for _ in range(inner):
                 fn()
-            end.record()
-            torch.cuda.synchronize()
+            end.record(stream)
+            torch.cuda.synchronize(self.device)
             return start.elapsed_time(end) / inner, True
         c0, w0 = self._cpu_clock(), time.perf_counter_ns()
         for _ in range(inner):
@@ -142,9 +147,41 @@ def measure(fn: Callable[[], Any], settings: TimingSettings) -> Measurement:
 
 @contextlib.contextmanager
 def _device_scope(settings: TimingSettings) -> Iterator[None]:
+    dev = torch.device(settings.device)
     with torch.inference_mode():
-        if torch.device(settings.device).type == "cpu":
+        if dev.type == "cpu":
             with cpu_threads(settings.threads):
+                yield
+        elif dev.type == "cuda":
+            with torch.cuda.device(dev):  # the measured device is the current one while measuring
                 yield
         else:
             yield
+
+
+@contextlib.contextmanager
+def cuda_flags(benchmark: bool, tf32: bool | None) -> Iterator[dict[str, Any]]:
+    """Set cuDNN autotuning and TF32 explicitly while measuring, restoring them after.
+
+    ``tf32``: True allows TF32 in matmuls and cuDNN convolutions, False forbids both, None takes PyTorch's
+    defaults (matmuls in full fp32, cuDNN convolutions in TF32). Yields the flags in force (for the
+    fingerprint). Python-level switches: harmless where there is no GPU.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    old = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32, torch.get_float32_matmul_precision())
+    flags = resolved_cuda_flags(benchmark, tf32)
+    try:
+        cudnn.benchmark = flags["cudnn_benchmark"]
+        cudnn.allow_tf32 = flags["tf32_cudnn"]
+        torch.set_float32_matmul_precision(flags["float32_matmul_precision"])
+        yield flags
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32 = old[0], old[1]
+        torch.set_float32_matmul_precision(old[3])
+        matmul.allow_tf32 = old[2]
+
+
+def resolved_cuda_flags(benchmark: bool, tf32: bool | None) -> dict[str, Any]:
+    """The cuDNN and TF32 switches :func:`cuda_flags` sets for these settings."""
+    return {"cudnn_benchmark": bool(benchmark), "tf32_cudnn": True if tf32 is None else bool(tf32),
+            "float32_matmul_precision": "high" if tf32 else "highest"}
