@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import mdprune
-from mdprune.importance import ImportanceAccumulator, estimate, kept_value
+from mdprune.importance import ImportanceAccumulator, estimate, kept_value, share_key
 
 from .conftest import build
 
@@ -98,7 +98,8 @@ def test_estimate_restores_model_state_and_normalises():
     assert not model.training and all(p.grad is None for p in model.parameters())
     allv = np.concatenate([scores[d.name] for d in space.prunable_dims()])
     assert allv.mean() == pytest.approx(1.0)
-    assert set(scores) == {d.name for d in space.prunable_dims()} | {f"block:{b}" for b in space.blocks}
+    assert set(scores) == {d.name for d in space.prunable_dims()} | {f"block:{b}" for b in space.blocks} \
+        | {share_key(b.name, "stem") for b in space.removable_blocks()}
 
 
 def test_kept_value_is_cumulative_top_scores():

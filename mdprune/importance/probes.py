@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from ..space import PruningSpace, Seg
 
 
@@ -75,3 +78,23 @@ def _choose(kind: str, by_role: dict[str, list[Probe]]) -> list[Probe]:
     if kind == "embed":
         return outs + by_role.get("param", [])
     return outs
+
+
+def bound_slices(space: PruningSpace, dims: list[str]) -> list[Probe]:
+    """Every tensor slice bound to each of ``dims`` (all roles: weights, biases, norm scales, buffers)."""
+    wanted = set(dims)
+    out = []
+    for t in space.tensors.values():
+        for axis, segs in t.axes.items():
+            for start, seg in _seg_starts(space, segs):
+                out += [Probe(d, t.name, axis, start, seg) for d in seg.dims if d in wanted]
+    return out
+
+
+def per_element(vec: torch.Tensor, p: Probe, space: PruningSpace) -> torch.Tensor:
+    """Sum a vector along ``p.axis`` over one segment's positions into the elements of dimension ``p.dim``."""
+    sizes = [space.dims[d].size for d in p.seg.dims]
+    width = int(np.prod(sizes)) * p.seg.inner
+    block = vec[p.start:p.start + width].reshape(*sizes, p.seg.inner)
+    k = p.seg.dims.index(p.dim)
+    return block.sum(dim=[a for a in range(block.dim()) if a != k])

@@ -12,6 +12,8 @@ importance within every budget, and proves it optimal (or reports its gap at a t
 ``"auto"`` takes the decomposition unless its tables would be too large, then the MILP.
 """
 
+from .compiled import compile_problem
+from .decompose import milp_size
 from .problem import (
     BUDGET_RTOL,
     CostTerm,
@@ -25,8 +27,10 @@ from .problem import (
     within_budget,
 )
 from .solver import METHODS, minimum_usage, solve
+from .synthetic import deit_v100_problem, resnet_problem, vit_problem
 
 __all__ = [
     "BUDGET_RTOL", "METHODS", "CostTerm", "DimChoice", "InfeasibleBudget", "Problem", "Resource", "Solution",
-    "evaluate", "minimum_usage", "solve", "validate", "within_budget",
+    "compile_problem", "deit_v100_problem", "evaluate", "milp_size", "minimum_usage", "resnet_problem", "solve",
+    "validate", "vit_problem", "within_budget",
 ]

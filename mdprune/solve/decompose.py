@@ -112,6 +112,7 @@ def solve_decomposed(
     deadline: float,
     seeds: list[tuple[np.ndarray, np.ndarray]] = (),
     verbose: bool = False,
+    threads: int = 1,
 ) -> Outcome:
     """Solve a compiled problem exactly by bounds, fixing and a final exact step (raises TooLarge if unsuited)."""
     start = time.perf_counter()
@@ -125,7 +126,8 @@ def solve_decomposed(
     for choice, keep in seeds:
         incumbent.offer(choice, keep)
     info: dict = {"columns_full": milp_size(cm)}
-    dual = dual_search(cm, st, start + 0.5 * max(deadline - start, 0.0), lambda r: incumbent.offer(r.choice, r.keep))
+    dual = dual_search(cm, st, start + 0.5 * max(deadline - start, 0.0), lambda r: incumbent.offer(r.choice, r.keep),
+                       threads=threads)
     upper = dual.best.bound
     incumbent.polish()
     info["relaxations"] = dual.iterations
@@ -147,6 +149,9 @@ def solve_decomposed(
         if bd is not None:
             current = _reduce(cm, st, dual.best, bd, incumbent.value)
             say(f"fixing: {info['columns_full']} -> {milp_size(current)} columns")
+            if time.perf_counter() > deadline:
+                info["final"] = "none (time limit)"
+                return _finish(incumbent, "time_limit", upper, info)
             one_budget = int(np.isfinite(cm.limit).sum()) == 1
             until = deadline if one_budget else time.perf_counter() + 0.25 * (deadline - time.perf_counter())
             found = solve_by_enumeration(current, dual.best.lam, incumbent.value, until, max_assignments=64)
@@ -166,7 +171,7 @@ def solve_decomposed(
     warm = None
     if incumbent.choice is not None and respects_reductions(current, incumbent.choice, incumbent.keep):
         warm = (incumbent.choice, incumbent.keep)
-    result = solve_milp(current, deadline - time.perf_counter(), start=warm, verbose=verbose)
+    result = solve_milp(current, deadline - time.perf_counter(), start=warm, verbose=verbose, threads=threads)
     info["milp_columns"], info["milp_rows"] = result.columns, result.rows
     if result.choice is not None:
         incumbent.offer(result.choice, result.keep)

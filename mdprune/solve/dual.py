@@ -26,12 +26,11 @@ class DualResult:
     history: list[float] = field(default_factory=list)
 
 
-def _master(points: np.ndarray, values: np.ndarray, grads: np.ndarray, upper: np.ndarray) -> tuple[
-    np.ndarray, float
-] | None:
+def _master(points: np.ndarray, values: np.ndarray, grads: np.ndarray, upper: np.ndarray, threads: int = 1
+            ) -> tuple[np.ndarray, float] | None:
     """argmin over 0 <= m <= upper of max_i values_i + grads_i . (m - points_i) (None if the LP fails)."""
     n_cuts, p = grads.shape
-    h = new_highs()
+    h = new_highs(threads=threads)
     # columns: theta, m_1..m_p; rows: theta - g_i . m >= values_i - g_i . points_i
     dense = np.hstack([np.ones((n_cuts, 1)), -grads])
     rows = np.tile(np.arange(n_cuts), p + 1)
@@ -57,6 +56,7 @@ def dual_search(
     on_solution: Callable[[Relaxation], float],
     max_iterations: int = 80,
     rtol: float = 1e-7,
+    threads: int = 1,
 ) -> DualResult:
     """Minimise the Lagrangian bound. ``on_solution`` sees every relaxation and returns the best known value."""
     resources = [r for r in range(len(cm.limit)) if np.isfinite(cm.limit[r])]
@@ -84,7 +84,7 @@ def dual_search(
     upper = np.ones(p)
     iterations = 1
     while iterations < max_iterations and time.perf_counter() < deadline:
-        proposal = _master(np.array(points), np.array(values), np.array(grads), upper)
+        proposal = _master(np.array(points), np.array(values), np.array(grads), upper, threads)
         if proposal is None:
             break
         m, model_value = proposal

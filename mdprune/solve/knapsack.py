@@ -4,10 +4,14 @@ Once every block's surviving kept configurations are listed (options.py), fixing
 outside blocks) to an assignment g separates the problem into a multiple-choice knapsack: one option (or
 removal) per block under the budgets. Assignments are visited in decreasing order of their Lagrangian bound,
 stopping as soon as the bound falls below the best value found. Each knapsack is solved by a dynamic programme
-over (cost, value) states that keeps only Pareto-optimal states and drops those whose Lagrangian completion
-bound cannot reach the best value. With one budget this is exact; with several, states are compared on the
-most binding budget only (all budgets are enforced), which makes it a strong heuristic whose solution then
-tightens the reduced MILP. Applies when min_blocks_kept cannot bind.
+over (cost, value) states that keeps only Pareto-optimal states and drops those whose completion bound cannot
+reach the best value: the smaller of the Lagrangian bound and the LP relaxation of the remaining groups on the
+primary budget (their options' upper concave envelopes filled greedily: a concave function of the capacity left,
+tight at every capacity, where the Lagrangian bound is tight only near its multiplier's). Each programme first
+aims just below its root bound, then lower: a high aim prunes nearly every state, and the first aim reached
+gives the best solution. With one budget this is exact; with several, states are compared on the most binding
+budget only (all budgets are enforced), which makes it a strong heuristic whose solution then tightens the
+reduced MILP. Applies when min_blocks_kept cannot bind.
 """
 
 from __future__ import annotations
@@ -25,14 +29,38 @@ def pareto_knapsack(groups: list[tuple[np.ndarray, np.ndarray]], capacity: np.nd
     """Best value choosing one option per group, each option a (costs (R, n), values (n,)) column.
 
     Totals must stay within ``capacity`` (R,). Only solutions worth at least ``target`` are looked for: states
-    whose Lagrangian bound at ``lam`` >= 0 cannot reach it are dropped. States are Pareto-filtered on the
-    ``primary`` cost, exact when R == 1 (with several budgets, on the ``lam``-weighted cost: a heuristic). Options
-    dominated within their group are dropped first. Returns (value, option index per group) or None.
+    whose completion bound (the smaller of the Lagrangian bound at ``lam`` >= 0 and the LP bound on the primary
+    cost) cannot reach it are dropped. States are Pareto-filtered on the ``primary`` cost, exact when R == 1
+    (with several budgets, on the ``lam``-weighted cost: a heuristic). Options dominated within their group are
+    dropped first. Returns (value, option index per group) or None.
+
+    The programme is first run for a target just below the root bound, then for lower ones down to ``target``:
+    a high target prunes nearly every state, and the first run that finds a solution has found the best one.
     """
     kept = [_frontier(c, v, c[primary] if len(capacity) == 1 else lam @ c) for c, v in groups]
     groups = [(c[:, k], v[k]) for (c, v), k in zip(groups, kept, strict=True)]
     best_rest = [float(np.max(v - lam @ c)) for c, v in groups]
     suffix = np.concatenate([np.cumsum(best_rest[::-1])[::-1], [0.0]])
+    hulls = _suffix_hulls(groups, primary)
+    root = min(float(lam @ capacity) + suffix[0], float(_hull_value(hulls[0], np.array(capacity[primary]))))
+    if root < target:
+        return None
+    step = (root - target) / 64.0 if np.isfinite(target) else np.inf
+    while True:
+        aim = max(target, root - step)
+        found = _programme(groups, capacity, lam, aim, primary, suffix, hulls)
+        if found is not None or aim <= target:
+            break
+        step *= 4.0
+    if found is None:
+        return None
+    return found[0], [int(k[p]) for k, p in zip(kept, found[1], strict=True)]
+
+
+def _programme(groups: list[tuple[np.ndarray, np.ndarray]], capacity: np.ndarray, lam: np.ndarray, target: float,
+               primary: int, suffix: np.ndarray, hulls: list[tuple[np.ndarray, np.ndarray]]
+               ) -> tuple[float, list[int]] | None:
+    """The dynamic programme of :func:`pareto_knapsack` for one target; picks index the given groups."""
     cost, value = np.zeros((len(capacity), 1)), np.zeros(1)
     trail: list[tuple[np.ndarray, np.ndarray]] = []
     for i, (c, v) in enumerate(groups):
@@ -42,6 +70,7 @@ def pareto_knapsack(groups: list[tuple[np.ndarray, np.ndarray]], capacity: np.nd
         option = np.tile(np.arange(len(v)), len(value))
         ok = np.all(new_cost <= capacity[:, None], axis=0)
         ok &= new_value + lam @ (capacity[:, None] - new_cost) + suffix[i + 1] >= target
+        ok &= new_value + _hull_value(hulls[i + 1], capacity[primary] - new_cost[primary]) >= target
         new_cost, new_value, parent, option = new_cost[:, ok], new_value[ok], parent[ok], option[ok]
         if len(new_value) == 0:
             return None
@@ -58,7 +87,46 @@ def pareto_knapsack(groups: list[tuple[np.ndarray, np.ndarray]], capacity: np.nd
     for parent, option in reversed(trail):
         picks.append(int(option[state]))
         state = int(parent[state])
-    return best, [int(k[p]) for k, p in zip(kept, picks[::-1], strict=True)]
+    return best, picks[::-1]
+
+
+def _envelope(cost: np.ndarray, value: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """The cheapest option (cost, best value at that cost) and the increments (cost, value) of the upper concave
+    envelope of one group's options from there to its most valuable option, in decreasing slope."""
+    order = np.lexsort((-value, cost))
+    c, v = cost[order], value[order]
+    hull = [0]
+    for k in range(1, len(c)):
+        if c[k] <= c[hull[-1]] or v[k] <= v[hull[-1]]:
+            continue  # not cheaper-and-better than the last envelope point
+        while len(hull) >= 2 and (v[k] - v[hull[-1]]) * (c[hull[-1]] - c[hull[-2]]) >= \
+                (v[hull[-1]] - v[hull[-2]]) * (c[k] - c[hull[-1]]):
+            hull.pop()
+        hull.append(k)
+    h = np.asarray(hull)
+    return float(c[0]), float(v[0]), np.diff(c[h]), np.diff(v[h])
+
+
+def _suffix_hulls(groups: list[tuple[np.ndarray, np.ndarray]], primary: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per suffix of groups (and the empty one), the breakpoints (capacity, value) of its LP relaxation on the
+    ``primary`` cost: every group at its cheapest option, then envelope increments by decreasing slope."""
+    parts = [_envelope(c[primary], v) for c, v in groups]
+    out = [(np.zeros(1), np.zeros(1))]
+    base_c = base_v = 0.0
+    dc, dv = np.zeros(0), np.zeros(0)
+    for c0, v0, gc, gv in reversed(parts):
+        base_c, base_v = base_c + c0, base_v + v0
+        dc, dv = np.r_[dc, gc], np.r_[dv, gv]
+        order = np.argsort(-(dv / dc), kind="stable")
+        out.append((base_c + np.r_[0.0, np.cumsum(dc[order])], base_v + np.r_[0.0, np.cumsum(dv[order])]))
+    return out[::-1]
+
+
+def _hull_value(hull: tuple[np.ndarray, np.ndarray], room: np.ndarray) -> np.ndarray:
+    """LP bound of a suffix at each capacity left (-inf below its cheapest completion)."""
+    xs, ys = hull
+    slack = 1e-12 * max(1.0, abs(float(xs[-1])))
+    return np.where(room >= xs[0] - slack, np.interp(room, xs, ys), -np.inf)
 
 
 def _frontier(cost: np.ndarray, value: np.ndarray, key: np.ndarray) -> np.ndarray:

@@ -24,6 +24,10 @@ import numpy as np
 from .compiled import Compiled, is_feasible, objective_of, usage_of
 from .highs import new_highs
 
+#: matrix entries above which HiGHS's symmetry detection is skipped: on a DeiT-B-sized monolithic MILP (2.5M
+#: entries) it takes seconds to tens of seconds, past any time limit
+LARGE_MODEL = 200_000
+
 
 @dataclass
 class MilpResult:
@@ -231,8 +235,8 @@ def _decode(cm: Compiled, lay: _Layout, values: np.ndarray) -> tuple[np.ndarray,
 
 
 def _run(model: tuple, n_cols: int, n_rows: int, time_limit: float, start_vector: np.ndarray | None,
-         presolve: bool, verbose: bool) -> highspy.Highs:
-    h = new_highs(verbose)
+         presolve: bool, verbose: bool, threads: int) -> highspy.Highs:
+    h = new_highs(verbose, threads)
     h.setOptionValue("time_limit", max(float(time_limit), 0.01))
     h.setOptionValue("presolve", "on" if presolve else "off")
     # values and costs are normalised to O(1) (compiled.py), so these are relative to the objective's scale
@@ -240,6 +244,8 @@ def _run(model: tuple, n_cols: int, n_rows: int, time_limit: float, start_vector
     h.setOptionValue("mip_abs_gap", 1e-10)
     h.setOptionValue("mip_feasibility_tolerance", 1e-10)
     h.setOptionValue("primal_feasibility_tolerance", 1e-10)
+    if model[2] > LARGE_MODEL:  # symmetry detection runs before the branch and bound without looking at the clock
+        h.setOptionValue("mip_detect_symmetry", False)
     h.passModel(*model)
     if start_vector is not None:
         h.setSolution(n_cols, np.arange(n_cols, dtype=np.int32), start_vector)
@@ -247,18 +253,13 @@ def _run(model: tuple, n_cols: int, n_rows: int, time_limit: float, start_vector
     return h
 
 
-def solve_milp(cm: Compiled, time_limit: float, start: tuple[np.ndarray, np.ndarray] | None = None,
-               verbose: bool = False) -> MilpResult:
-    """Solve the compiled problem (with its reductions) to proven optimality or the time limit.
-
-    HiGHS's answer is checked: the decoded configuration must be feasible and worth the objective HiGHS reports.
-    If not (HiGHS 1.16 can return its start point after presolve improved on it), it is solved again without
-    the start, then without presolve.
-    """
-    deadline = time.perf_counter() + time_limit
+def _assemble(cm: Compiled, deadline: float) -> tuple[tuple, _Model, _Layout] | None:
+    """The HiGHS model (column-wise) and the layout, or None if the deadline passed while building it."""
     m, cost, lower, upper, lay = _build(cm)
+    if time.perf_counter() > deadline:
+        return None
     rows, cols, vals = (np.concatenate([e[k] for e in m.entries]) for k in range(3))
-    order = np.lexsort((rows, cols))
+    order = np.argsort(cols, kind="stable")  # column-wise; HiGHS needs no order of the rows within a column
     rows, cols, vals = rows[order], cols[order], vals[order]
     starts = np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=m.n_cols))]).astype(np.int32)
     model = (
@@ -266,10 +267,27 @@ def solve_milp(cm: Compiled, time_limit: float, start: tuple[np.ndarray, np.ndar
         np.concatenate(m.row_lo), np.concatenate(m.row_hi), starts, rows.astype(np.int32), vals,
         np.concatenate(m.integer),
     )
+    return model, m, lay
+
+
+def solve_milp(cm: Compiled, time_limit: float, start: tuple[np.ndarray, np.ndarray] | None = None,
+               verbose: bool = False, threads: int = 1) -> MilpResult:
+    """Solve the compiled problem (with its reductions) to proven optimality or the time limit.
+
+    The time limit covers building the model: if it passes before HiGHS starts, the start (if any) comes back
+    with status "time_limit" and no bound (+inf). HiGHS's answer is checked: the decoded configuration must be
+    feasible and worth the objective HiGHS reports. If not (HiGHS 1.16 can return its start point after presolve
+    improved on it), it is solved again without the start, then without presolve, while time is left.
+    """
+    deadline = time.perf_counter() + time_limit
+    built = _assemble(cm, deadline) if time_limit > 0 else None
+    if built is None or time.perf_counter() > deadline:
+        return _unstarted(cm, start, *((built[1].n_cols, built[1].n_rows) if built else (0, 0)))
+    model, m, lay = built
     vector = None if start is None else _start_vector(cm, m.n_cols, lay, *start)
     attempts = [(vector, True), (None, True), (None, False)] if vector is not None else [(None, True), (None, False)]
     for warm, presolve in attempts:
-        h = _run(model, m.n_cols, m.n_rows, deadline - time.perf_counter(), warm, presolve, verbose)
+        h = _run(model, m.n_cols, m.n_rows, deadline - time.perf_counter(), warm, presolve, verbose, threads)
         status = h.getModelStatus()
         info = h.getInfo()
         if status == highspy.HighsModelStatus.kInfeasible:
@@ -283,12 +301,23 @@ def solve_milp(cm: Compiled, time_limit: float, start: tuple[np.ndarray, np.ndar
             bound = float(info.mip_dual_bound) if label != "optimal" else max(objective, float(info.mip_dual_bound))
             result = MilpResult(label, choice, keep, objective, bound, m.n_cols, m.n_rows)
             value = objective_of(cm, choice, keep)
-            if not (is_feasible(cm, usage_of(cm, choice, keep), keep) and value >= objective - 1e-9 * (1 + abs(value))):
+            feasible = is_feasible(cm, usage_of(cm, choice, keep), keep)
+            if not (feasible and value >= objective - 1e-9 * (1 + abs(value))):
                 if verbose:
                     print(f"[milp] HiGHS returned a solution worth {value!r}, not {objective!r}; solving again")
                 result.status, result.objective = "time_limit", value
                 if time.perf_counter() < deadline:
                     continue
-        if result.status != "infeasible" or not presolve:
+                if not feasible:
+                    return _unstarted(cm, start, m.n_cols, m.n_rows)
+        if result.status != "infeasible" or not presolve or time.perf_counter() > deadline:
             return result
     return result
+
+
+def _unstarted(cm: Compiled, start: tuple[np.ndarray, np.ndarray] | None, columns: int, rows: int) -> MilpResult:
+    """The answer when the time limit passes before HiGHS runs: the start, unproven."""
+    if start is None:
+        return MilpResult("time_limit", None, None, -np.inf, np.inf, columns, rows)
+    choice, keep = start
+    return MilpResult("time_limit", choice, keep, objective_of(cm, choice, keep), np.inf, columns, rows)

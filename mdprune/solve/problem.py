@@ -75,10 +75,14 @@ class InfeasibleBudget(ValueError):
         self.resource = resource
         self.budget = budget
         self.minimum = minimum
+        self.detail = detail
         super().__init__(
             f"budget {budget:.6g} for resource {resource!r} is below the smallest reachable use {minimum:.6g}"
             + (f" ({detail})" if detail else "")
         )
+
+    def __reduce__(self) -> tuple:  # picklable: under DDP rank 0's error reaches the other ranks as it is
+        return (type(self), (self.resource, self.budget, self.minimum, self.detail))
 
 
 def within_budget(used: float, budget: float) -> bool:

@@ -146,6 +146,75 @@ def vit_problem(depth: int = 12, seed: int = 0, budget: float = 0.5, embed: int 
     return set_budgets(problem, [budget])
 
 
+V100_SMS, V100_FLOPS, V100_BYTES = 80, 14e12, 800e9  # streaming multiprocessors, fp32 FLOP/s, memory bytes/s
+
+
+def _gpu_gemm_ms(m: float, k: np.ndarray, n: np.ndarray, batch: float = 1.0) -> np.ndarray:
+    """A GEMM (m x k) @ (k x n) on a V100-like GPU: 128x128 output tiles run in waves over the SMs, each tile's
+    time proportional to k rounded up to 16, plus a launch overhead: a staircase in n and k."""
+    tiles = batch * np.ceil(m / 128.0) * np.ceil(np.asarray(n, dtype=np.float64) / 128.0)
+    waves = np.ceil(tiles / V100_SMS)
+    k16 = np.ceil(np.asarray(k, dtype=np.float64) / 16.0) * 16.0
+    return waves * 128 * 128 * 2 * k16 / (V100_FLOPS / V100_SMS) * 1e3 + 0.005
+
+
+def _gpu_memory_ms(elements: np.ndarray) -> np.ndarray:
+    """An elementwise op (softmax, GELU, layer norm) reading and writing float32 ``elements``."""
+    return np.asarray(elements, dtype=np.float64) * 8.0 / V100_BYTES * 1e3 + 0.005
+
+
+def deit_v100_problem(seed: int = 0, budget: float = 0.5, depth: int = 12, batch: int = 576, tokens: int = 198,
+                      value_shape: float = 0.3, block_value: float = 1.0) -> Problem:
+    """DeiT-Base with latency tables laid out as the MDP authors' V100 look-up tables (deit/latency_estimation.py
+    of NVlabs/MDP; the tables themselves are not available here, so a GPU model stands in for the measurements).
+
+    Per block: ``qk`` over (embedding, heads, q/k width) (q and k projections, scores and softmax), ``vandproj``
+    over (embedding, heads, v width) (v projection, attention times v, output projection) and ``mlp`` over
+    (embedding, hidden) (fc1, GELU, fc2), at the authors' steps: embedding 16, heads 2, q/k and v 8, hidden 16
+    (192 choices). Latencies are GEMM staircases (tiles and waves) at batch 576 with 1% noise. Values are heavy
+    tailed (gamma shape ``value_shape``), and each attention/MLP sub-block has its own score (``block_value``
+    times an average dim's value, gamma distributed), as mdprune's importance gives.
+    """
+    rng = np.random.default_rng(seed)
+
+    def noisy(table: np.ndarray) -> np.ndarray:
+        return table * (1.0 + 0.01 * rng.standard_normal(table.shape))
+
+    e_w, m_w = widths_for(768, 16, 1 << 30), widths_for(3072, 16, 1 << 30)
+    h_w, q_w = widths_for(12, 2), widths_for(64, 8)
+    rows = float(batch * tokens)
+    e = np.asarray(e_w, dtype=np.float64)
+    dims = [DimChoice("embed", e_w, np.zeros(0))]
+    terms = [CostTerm("patch_embed", ("embed",), noisy(_gpu_gemm_ms(batch * (tokens - 2), 768, e))),
+             CostTerm("norm", ("embed",), noisy(_gpu_memory_ms(rows * e))),
+             CostTerm("head", ("embed",), noisy(_gpu_gemm_ms(batch, e, 1000)))]
+    E, H, Q = np.meshgrid(e, np.asarray(h_w, dtype=np.float64), np.asarray(q_w, dtype=np.float64), indexing="ij")
+    E2, M = np.meshgrid(e, np.asarray(m_w, dtype=np.float64), indexing="ij")
+    blocks = []
+    for i in range(depth):
+        attn, ffn = f"blocks.{i}.attn", f"blocks.{i}.mlp"
+        blocks += [attn, ffn]
+        h, q, v, m = f"{attn}.heads", f"{attn}.qk", f"{attn}.v", f"{ffn}.hidden"
+        dims += [DimChoice(h, h_w, np.zeros(0), attn), DimChoice(q, q_w, np.zeros(0), attn),
+                 DimChoice(v, list(q_w), np.zeros(0), attn), DimChoice(m, m_w, np.zeros(0), ffn)]
+        qk = (2 * _gpu_gemm_ms(rows, E, H * Q) + _gpu_gemm_ms(tokens, Q, tokens, batch * H)
+              + _gpu_memory_ms(batch * H * tokens * tokens))
+        vproj = _gpu_gemm_ms(rows, E, H * Q) + _gpu_gemm_ms(tokens, tokens, Q, batch * H) + _gpu_gemm_ms(rows, H * Q, E)
+        mlp = _gpu_gemm_ms(rows, E2, M) + _gpu_memory_ms(rows * M) + _gpu_gemm_ms(rows, M, E2)
+        terms += [CostTerm(f"{attn}.norm", ("embed",), noisy(_gpu_memory_ms(rows * e)), attn),
+                  CostTerm(f"{attn}.qk", ("embed", h, q), noisy(qk), attn),
+                  CostTerm(f"{attn}.vandproj", ("embed", h, v), noisy(vproj), attn),
+                  CostTerm(f"{ffn}.norm", ("embed",), noisy(_gpu_memory_ms(rows * e)), ffn),
+                  CostTerm(f"{ffn}.mlp", ("embed", m), noisy(mlp), ffn)]
+    for d in dims:
+        scores = np.sort(rng.gamma(value_shape, 1.0, d.widths[-1]))[::-1] * rng.lognormal(0.0, 1.0)
+        d.value = np.cumsum(scores)[np.asarray(d.widths) - 1] / d.widths[-1]
+    average = sum(float(d.value[-1]) for d in dims) / len(dims)
+    problem = Problem(dims=dims, blocks=blocks, resources=[Resource("latency", terms, 0.2, 0.0)],
+                      block_value={b: block_value * average * float(rng.gamma(0.5, 1.0)) for b in blocks})
+    return set_budgets(problem, [budget])
+
+
 def _attention_core(rng: np.random.Generator, tokens: float, h_w: list[int], q_w: list[int]) -> np.ndarray:
     """Softmax(QK^T)V: T^2 H (Q + V) MACs plus a softmax cost per head."""
     h = np.asarray(h_w, dtype=np.float64)[:, None, None]
