@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..importance import BLOCK_PREFIX, block_key, kept_value
+from ..importance import BLOCK_PREFIX, block_key, kept_value, share_key
 from ..latency import LatencyModel
 from ..solve import CostTerm, DimChoice, Problem, Resource, Solution, minimum_usage, solve
 from ..space import Plan, PruningSpace, Seg, TensorAxes
@@ -34,8 +34,15 @@ def build_problem(space: PruningSpace, scores: Mapping[str, np.ndarray], latency
     (grouped convolutions kept whole, ignored layers) is no longer removed for free. Scores without block keys
     (given by hand) value blocks by their dimensions only; a mapping with some block keys must have them all.
 
+    MDP's block semantics on a dimension a removable block shares with the rest of the network (a ResNet
+    stage's channels, which each block's last BatchNorm writes into): the part of its score that comes from the
+    block's own parameters, ``scores[share_key(block, dim)]`` (per element, at most the dimension's score), leaves
+    the objective with the block. Exactly: a copy of the dimension inside the block carries that part's value, and
+    a zero budget ties the copy's width to the dimension's while the block is kept (see :func:`share_key`).
+    Scores without share keys keep the whole score of a shared dimension whatever the blocks, as before.
+
     With ``current`` (iterative pruning), no dimension grows beyond its current width and removed blocks stay
-    removed: their dimensions and terms leave the program.
+    removed: their dimensions and terms leave the program, and so do their shares of shared dimensions.
     """
     gone = set(current.removed) if current is not None else set()
     removable = {b.name for b in space.removable_blocks() if b.name not in gone} if blocks else set()
@@ -45,13 +52,26 @@ def build_problem(space: PruningSpace, scores: Mapping[str, np.ndarray], latency
         return b if b in removable else None
 
     dims = []
+    ties = []
     for d in space.prunable_dims():
         if d.block in gone:
             continue
         if d.name not in scores:
             raise ValueError(f"no importance scores for dimension {d.name!r}")
         widths = [w for w in d.widths() if w <= now[d.name]]
-        dims.append(DimChoice(d.name, widths, kept_value(scores[d.name], widths), blk(d.block)))
+        shares = _shares(scores, d.name, d.block, removable | gone)
+        if not shares:
+            dims.append(DimChoice(d.name, widths, kept_value(scores[d.name], widths), blk(d.block)))
+            continue
+        order = _ranking(space, scores, d.name, current)
+        rest = np.asarray(scores[d.name], dtype=np.float64) - sum(shares.values())
+        dims.append(DimChoice(d.name, widths, _value(np.maximum(rest, 0.0), order, widths), blk(d.block)))
+        for b, share in shares.items():
+            if b in gone:
+                continue
+            copy = f"{d.name}{SHARE_COPY}{b}"
+            dims.append(DimChoice(copy, widths, _value(share, order, widths), b))
+            ties.append(CostTerm(f"tie {copy}", (d.name, copy), 1.0 - np.eye(len(widths)), b))
     resources = [_latency(space, latency, budget_ms, blk, gone)]
     if params is not None:
         resources.append(_counted("params", _param_terms(space), params, blk, gone))
@@ -59,8 +79,40 @@ def build_problem(space: PruningSpace, scores: Mapping[str, np.ndarray], latency
         resources.append(_counted("macs", _mac_terms(space), macs, blk, gone))
     if current is not None:
         resources = [_restrict(r, space, dims, gone) for r in resources]
+    if ties:
+        resources.append(Resource("block shares tie", ties, 0.0, 0.0))
     return Problem(dims, sorted(removable), resources, block_value=_block_values(scores, removable),
                    min_blocks_kept=max(0, min_blocks_kept - len(gone)))
+
+
+#: separates a shared dimension's name from its block's in the name of the copy that carries the block's share
+SHARE_COPY = "@share:"
+
+
+def _shares(scores: Mapping[str, np.ndarray], dim: str, owner: str | None, blocks: set[str]) -> dict[str, np.ndarray]:
+    """The shares of ``dim``'s scores given for removable (or already removed) blocks other than its owner."""
+    if owner is not None:  # a dimension inside a block goes with it whole
+        return {}
+    return {b: np.asarray(scores[share_key(b, dim)], dtype=np.float64) for b in sorted(blocks)
+            if share_key(b, dim) in scores}
+
+
+def _ranking(space: PruningSpace, scores: Mapping[str, np.ndarray], dim: str, current: Plan | None) -> np.ndarray:
+    """The order in which :func:`plan_from_solution` keeps ``dim``'s elements (highest score first, among those
+    ``current`` still keeps)."""
+    s = np.asarray(scores[dim], dtype=np.float64)
+    if current is not None:
+        masked = np.full(space.dims[dim].size, -np.inf)
+        kept = current.kept(space)[dim]
+        masked[kept] = s[kept]
+        s = masked
+    return np.argsort(-s, kind="stable")
+
+
+def _value(values: np.ndarray, order: np.ndarray, widths: list[int]) -> np.ndarray:
+    """The value of keeping each width: the sum of ``values`` over the first ``w`` elements in ``order``."""
+    top = np.cumsum(np.asarray(values, dtype=np.float64)[order])
+    return np.asarray([top[w - 1] for w in widths])
 
 
 def _block_values(scores: Mapping[str, np.ndarray], removable: set[str]) -> dict[str, float]:
@@ -223,15 +275,16 @@ def plan_from_solution(space: PruningSpace, solution: Solution, scores: Mapping[
                        current: Plan | None = None) -> Plan:
     """The plan of a solution: each dimension keeps its highest-scoring elements at the chosen width (among
     those ``current`` still keeps)."""
+    widths = {n: w for n, w in solution.widths.items() if n in space.dims}  # not the copies carrying shares
     if current is None:
-        return Plan.from_sizes(space, dict(solution.widths), scores, solution.removed)
+        return Plan.from_sizes(space, widths, scores, solution.removed)
     kept = current.kept(space)
     ranked = {}
-    for name in solution.widths:
+    for name in widths:
         s = np.full(space.dims[name].size, -np.inf)
         s[kept[name]] = np.asarray(scores[name], dtype=np.float64)[kept[name]]
         ranked[name] = s
-    sizes = {**current.sizes(space), **solution.widths}
+    sizes = {**current.sizes(space), **widths}
     sizes = {n: k for n, k in sizes.items() if space.dims[n].prunable}
     keep = Plan.from_sizes(space, sizes, {**{n: _rank_current(kept[n], space.dims[n].size) for n in sizes}, **ranked})
     return Plan(keep.keep, sorted(set(solution.removed) | set(current.removed)))

@@ -1,0 +1,214 @@
+"""The measured check decides only on what its measurements tell apart: the ratio to the dense model measured
+interleaved, with a distribution-free interval; re-solves on significant misses only, corrections capped.
+
+Measurements here are fakes drawing noisy samples from a seeded RNG (never a clock)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mdprune
+from mdprune.latency import (
+    FlopsBackend,
+    LatencyModel,
+    LatencySettings,
+    LatencyTable,
+    Measurement,
+    RatioSettings,
+    TimingSettings,
+    fingerprint,
+    measure_models_ratio,
+    measure_ratio,
+)
+from mdprune.latency.ratio import median_interval, sign_rank, sign_rank_min
+from mdprune.search import solve_plan, solve_within_measured_budget
+
+from .conftest import build
+
+FLOPS = LatencySettings(grid_points=3, grid_points_3d=2, backend="flops",
+                        timing=TimingSettings(warmup=1, reps=2, rounds=2, min_sample_ms=0.2))
+
+
+def _model(space: mdprune.PruningSpace) -> LatencyModel:
+    table = LatencyTable(fingerprint())
+    lm = LatencyModel(space, table)
+    for op, p in lm.needed():
+        table.put(op, p, 1e-3 * float(np.prod(p)) + 0.01, 0.0)
+    lm.calibrate(lm.ops_ms(space.dense_sizes()) + 0.1)
+    return lm
+
+
+def _noisy_pair(a_true: float, b_true: float, cv: float, seed: int, burst: float = 0.0, drift: float = 0.2):
+    """``pair(i)``: both sides slowed by a shared load drift, each by its own noise (``cv``), and one side of a
+    ``burst`` fraction of pairs by a 1.5-3x burst."""
+    rng = np.random.default_rng(seed)
+
+    def pair(i: int) -> tuple[float, float]:
+        load = math.exp(rng.normal(0, drift))
+        a, b = a_true * load * math.exp(rng.normal(0, cv)), b_true * load * math.exp(rng.normal(0, cv))
+        if rng.random() < burst:
+            if rng.random() < 0.5:
+                a *= rng.uniform(1.5, 3)
+            else:
+                b *= rng.uniform(1.5, 3)
+        return a, b
+    return pair
+
+
+def _as_measure(pair):
+    calls = [0]
+
+    def measure(models):
+        a, b = pair(calls[0])
+        calls[0] += 1
+        return {"pruned": Measurement(a, 0.0), "dense": Measurement(b, 0.0)}
+    return measure
+
+
+def _setup():
+    _, _, space = build("tiny_cnn")
+    lm = _model(space)
+    g = torch.Generator().manual_seed(1)
+    scores = {d.name: torch.rand(d.size, generator=g).double().numpy() for d in space.prunable_dims()}
+    dense = lm.predict(space.dense_sizes())
+    budgets, plans = [], []
+
+    def solve_at(ms):
+        budgets.append(ms)
+        plan, _ = solve_plan(space, scores, lm, ms)
+        plans.append(plan)
+        return plan, ms
+    return space, lm, dense, solve_at, budgets, plans
+
+
+def test_sign_test_ranks_are_the_exact_binomial_ones():
+    assert sign_rank_min(0.95) == 6 and sign_rank(5, 0.95) == 0 and sign_rank(6, 0.95) == 1
+    assert sign_rank(100, 0.95) == 40 and abs(sign_rank(400, 0.95) - 180) <= 1  # Conover's table; normal beyond 60
+    mid, lo, hi = median_interval([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], 0.95)
+    assert (mid, lo, hi) == (2.5, 0.0, 5.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_interval_narrows_with_pairs_and_covers_the_truth_despite_bursts(seed):
+    widths = []
+    for n in (10, 40, 160, 640):
+        r = measure_ratio(_noisy_pair(1.5, 3.0, 0.15, seed, burst=0.15), RatioSettings(tolerance=0.0, max_pairs=n))
+        assert r.rounds == n and not r.converged
+        assert r.low <= 0.5 <= r.high  # the true ratio; a mean of ratios would be dragged up by the bursts
+        widths.append(r.width)
+    assert all(a > b for a, b in zip(widths, widths[1:], strict=False))
+    r = measure_ratio(_noisy_pair(1.5, 3.0, 0.15, seed, burst=0.15), RatioSettings(tolerance=0.03, time_cap=1e9))
+    assert r.converged and r.width < 0.03 and r.low <= 0.5 <= r.high
+
+
+def test_the_time_cap_stops_measuring_and_is_reported():
+    now = [0.0]
+
+    def pair(i: int) -> tuple[float, float]:
+        now[0] += 1.0  # every pair takes a second
+        return 1.0 + 0.1 * (i % 3), 2.0
+
+    r = measure_ratio(pair, RatioSettings(tolerance=1e-6, time_cap=10.0), clock=lambda: now[0])
+    assert r.rounds == 10 and not r.converged and r.seconds == 10.0 and r.low < r.ratio < r.high
+    # never before the fewest pairs an interval needs
+    now[0] = 0.0
+    assert measure_ratio(pair, RatioSettings(time_cap=0.0, min_pairs=1), clock=lambda: now[0]).rounds == 6
+
+
+def test_a_deterministic_backend_gives_an_exact_ratio_at_once():
+    _, _, space = build("tiny_cnn")
+    dense = mdprune.slim(space, mdprune.Plan())
+    pruned = mdprune.slim(space, mdprune.Plan.uniform(space, 0.5))
+    r = measure_models_ratio(pruned, dense, space, FLOPS)
+    assert r.converged and r.rounds == 2 and r.low == r.ratio == r.high < 1
+    backend = FlopsBackend()
+    ms = [backend.runner(m, (torch.randn(1, 3, 8, 8),)).ms for m in (pruned, dense)]
+    assert r.ratio == pytest.approx(ms[0] / ms[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_demo_scenario_no_longer_chases_noise(seed):
+    """``make demo`` on a busy host: dense 3.51, 2.99, 2.47 ms within seconds (about 15% per measurement), and a
+    plan truly at its 50% budget. One measurement each made it re-solve twice and end at 38.9%; now the
+    interval contains the target and the first plan is kept, unsolved again."""
+    space, lm, dense, solve_at, budgets, plans = _setup()
+    target = 0.5 * dense
+    said = []
+    measure = _as_measure(_noisy_pair(0.5 * 3.0, 3.0, 0.15, seed, burst=0.1))
+    plan, _, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, rounds=2,
+                                                   log=said.append, measure=measure)
+    assert budgets == [target] and plan is plans[0] and len(checks) == 1
+    c = checks[0]
+    assert c["kept"] and not c["significant"] and c["correction"] == 1.0
+    assert c["fraction_low"] <= 0.5 <= c["fraction_high"] and c["converged"] and c["rounds"] > 100
+    assert "not distinguishable from the target" in said[0] and "interval" in said[0]
+
+
+def test_a_significant_miss_triggers_one_capped_correction():
+    """The model under-predicts every plan by 30%: the first plan is significantly over; the solver budget is
+    tightened once, by the model's error range (10%) rather than the 30% a single measurement suggests."""
+    space, lm, dense, solve_at, budgets, plans = _setup()
+    target = 0.7 * dense
+    rng = np.random.default_rng(0)
+
+    def measure(models):
+        noise = np.exp(rng.normal(0, 0.05, 2))
+        return {"pruned": Measurement(1.3 * lm.predict_plan(plans[-1]) * noise[0], 0.0),
+                "dense": Measurement(dense * noise[1], 0.0)}
+
+    said = []
+    plan, budget, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, rounds=1,
+                                                        log=said.append, measure=measure, error_range=0.1)
+    assert len(checks) == 2 and budgets[1] == pytest.approx(target / 1.1)
+    first = checks[0]
+    assert first["significant"] and first["fraction_low"] > first["target_fraction"] and first["capped"]
+    assert first["correction"] == pytest.approx(budgets[1] / budgets[0])
+    assert any("capped at the model's error range" in s for s in said)
+    # with a wider error range the correction is the smallest error the interval shows, not the point estimate
+    space, lm, dense, solve_at, budgets, plans = _setup()
+    plan, budget, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, rounds=1,
+                                                        measure=measure, error_range=1.0)
+    c = checks[0]
+    shown = c["fraction_low"] * dense / c["predicted_ms"]
+    assert not c["capped"] and budgets[1] == pytest.approx(target / shown) and shown < 1.3 * 1.02
+
+
+def test_no_correction_when_the_miss_is_not_significant():
+    """A plan 2% over its target with 15% noise per measurement and a short time cap: the interval is wide and
+    contains the target, so the plan is kept and the time cap is reported."""
+    space, lm, dense, solve_at, budgets, plans = _setup()
+    target = 0.6 * dense
+    said = []
+    measure = _as_measure(_noisy_pair(1.02 * 0.6 * 3.0, 3.0, 0.15, 3))
+    plan, _, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, log=said.append,
+                                                   measure=measure, ratio=RatioSettings(time_cap=0.0))
+    c = checks[0]
+    assert len(checks) == 1 and not c["significant"] and not c["converged"] and c["rounds"] == 6
+    assert c["fraction_low"] < 0.6 < c["fraction_high"] and "time cap" in said[0]
+
+
+def test_the_kept_plan_is_the_admissible_one_nearest_the_target():
+    """Significantly under, then significantly over, then within: among the plans not significantly over, the
+    one measured nearest the target is kept (not the last, nor the one at the loosest budget)."""
+    space, lm, dense, solve_at, budgets, plans = _setup()
+    target = 0.7 * dense
+    truths = iter([0.55, 0.80, 0.695])
+
+    def measure(models):
+        if len(plans) > len(seen):
+            seen.append(next(truths))
+        return {"pruned": Measurement(seen[-1] * dense, 0.0), "dense": Measurement(dense, 0.0)}
+
+    seen: list[float] = []
+    plan, _, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, rounds=3,
+                                                   measure=measure, error_range=1.0)
+    fractions = [round(c["fraction"], 6) for c in checks]
+    assert fractions[:2] == [0.55, 0.8] and checks[0]["significant"] and checks[1]["significant"]
+    kept = [i for i, c in enumerate(checks) if c["kept"]]
+    assert len(checks) == 3 and not checks[2]["significant"]
+    assert kept == [2] and plan is plans[2] and fractions[2] == 0.695
+    assert budgets[0] < budgets[2] < budgets[1]
