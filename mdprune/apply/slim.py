@@ -59,8 +59,10 @@ def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.
     graph.eliminate_dead_code()
 
     with torch.no_grad():
+        done: set[str] = set()  # a module called several times (a detector head shared by levels): sliced once
         for node in graph.nodes:
-            if node.op == "call_module":
+            if node.op == "call_module" and node.target not in done:
+                done.add(node.target)
                 m = gm.get_submodule(node.target)
                 new = _slim_module(space, pos, node.target, m)
                 if new is not m:

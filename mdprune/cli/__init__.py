@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, inspect, lut, prune, tools
+from . import demo, detect, inspect, lut, prune, tools
 
 # Start-up stays fast (`mdprune --help` well under 2 s): the command modules import torch, timm and the pipeline
 # inside the functions that run a command, never at module level.
@@ -25,6 +25,7 @@ def make_parser() -> argparse.ArgumentParser:
     prune.add_parser(sub)
     tools.add_parsers(sub)
     demo.add_parser(sub)
+    detect.add_parser(sub)
     return p
 
 

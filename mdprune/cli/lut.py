@@ -6,12 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .common import add_model_args, build_model_and_space, human
+from .common import add_deployment_args, add_model_args, build_model_and_space, deployment_settings, human
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..latency import LatencySettings
+    from ..space import PruningSpace
 
 
 def add_latency_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +30,7 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grid-points-3d", type=int, default=5, help="grid widths per role, attention (default 5)")
     g.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     g.add_argument("--reps", type=int, default=5, help="timed samples per round (default 5)")
+    add_deployment_args(p.add_argument_group("deployment (how the measured model runs)"))
 
 
 def settings_from(args: argparse.Namespace) -> LatencySettings:
@@ -36,7 +40,14 @@ def settings_from(args: argparse.Namespace) -> LatencySettings:
         raise ValueError("float16/bfloat16 latency tables are for cuda devices")
     return LatencySettings(device=args.device, batch=args.batch, threads=args.threads, dtype=args.dtype,
                            backend=args.backend, grid_points=args.grid_points, grid_points_3d=args.grid_points_3d,
-                           timing=TimingSettings(rounds=args.rounds, reps=args.reps))
+                           timing=TimingSettings(rounds=args.rounds, reps=args.reps), **deployment_settings(args))
+
+
+def analysed(args: argparse.Namespace) -> tuple[nn.Module, PruningSpace]:
+    """The model and its space, analysed at batch 1 whatever the latency batch: op signatures do not depend
+    on the batch (the table's batch is in its fingerprint), so `prune` finds what `lut build` measured, and a
+    large --batch costs no analysis time."""
+    return build_model_and_space(argparse.Namespace(**{**vars(args), "batch": 1}))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,13 +76,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--seed", type=int, default=0)
         v.add_argument("--block-prob", type=float, default=0.2, help="chance a block is removed (default 0.2)")
         v.add_argument("--json", default=None, metavar="PATH", help="write every figure as JSON")
+        v.add_argument("--task", choices=["classification", "detection"], default="classification",
+                       help="detection: MODEL is a torchvision detector, measured end to end (transform, "
+                            "backbone, neck, heads, post-processing) at --input-size (default 320)")
         v.set_defaults(func=run_validate)
 
 
 def run_build(args: argparse.Namespace) -> int:
     from ..latency import build, latency_model, open_table
 
-    _, space = build_model_and_space(args)
+    _, space = analysed(args)
     settings = settings_from(args)
     table = open_table(settings, args.cache)
     report = build(space, table, settings, time_budget=args.time_budget, progress=sys.stderr.isatty())
@@ -117,15 +131,39 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_detector(args: argparse.Namespace, settings: LatencySettings) -> Any:
+    """``lut validate --task detection``: random slim detectors measured end to end (the fixed cost of the
+    transform and post-processing included) against the calibrated model's predictions."""
+    import torch
+
+    from ..detection import analyze_detector, create_detector, validate_detector
+    from ..latency import open_table, random_plans
+    from ..models import load_checkpoint
+
+    size = args.input_size or 320
+    det = create_detector(args.model, num_classes=args.num_classes or 91, image_size=size, **dict(args.model_arg))
+    if args.checkpoint:
+        load_checkpoint(det, args.checkpoint)
+    space = analyze_detector(det.eval(), torch.zeros(1, 3, size, size), ignored_layers=args.ignore)
+    plans = random_plans(space, args.samples, args.seed, args.block_prob)
+    v = validate_detector(det, space, open_table(settings, args.cache), settings, plans,
+                          progress=sys.stderr.isatty())
+    print(f"fixed cost (transform, anchors, decoding, NMS and what the tables do not see): {v.fixed_ms:.3f} ms")
+    return v
+
+
 def run_validate(args: argparse.Namespace) -> int:
     from ..latency import build, open_table, random_plans, validate
 
-    _, space = build_model_and_space(args)
     settings = settings_from(args)
-    table = open_table(settings, args.cache)
-    build(space, table, settings, progress=sys.stderr.isatty(), calibrate=False)
-    plans = random_plans(space, args.samples, args.seed, args.block_prob)
-    v = validate(space, table, settings, plans, progress=sys.stderr.isatty())
+    if args.task == "detection":
+        v = _validate_detector(args, settings)
+    else:
+        _, space = analysed(args)
+        table = open_table(settings, args.cache)
+        build(space, table, settings, progress=sys.stderr.isatty(), calibrate=False)
+        plans = random_plans(space, args.samples, args.seed, args.block_prob)
+        v = validate(space, table, settings, plans, progress=sys.stderr.isatty())
     print(f"{'plan':>4} {'blocks':>6} {'params':>8} {'measured':>9} {'table':>9} {'err%':>6} {'linear':>9} "
           f"{'err%':>6}")
     for r in v.rows:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..space.errors import AnalysisError, where
 from ..space.functions import mark_normalized
-from ..space.values import Chan
+from ..space.values import Chan, RawSeg
 from .registry import ChannelRule, LayerKind, builtin, layer_kind
 from .rules import bind, chan_input, input_channels, require_axis
 
@@ -43,10 +43,17 @@ def frozen_batchnorm_channels(prop: Propagation, node: fx.Node, m: nn.Module) ->
 
 
 def groupnorm_channels(prop: Propagation, node: fx.Node, m: nn.GroupNorm) -> Chan:
-    """One group per channel normalises each channel alone; other groupings keep the channels whole."""
+    """One group per channel normalises each channel alone. Larger groups: channels are groups x width per
+    group (group-major); whole groups are pruned (the kept groups' statistics do not change), the width per
+    group is kept (detector heads: ``GroupNorm(32, 256)``)."""
     x = per_channel(prop, node, m, {"weight": "affine", "bias": "affine"})
-    if m.num_groups != m.num_channels:
-        prop.protect(x.segs, f"GroupNorm {node.target} ({m.num_groups} groups of {m.num_channels} channels)")
+    g, width = m.num_groups, m.num_channels // m.num_groups
+    if width > 1:
+        groups = prop.new_space(g, "channel", f"{node.target}:groups")
+        prop.spaces[groups].repeat = width
+        per = prop.new_space(width, "channel", str(node.target),
+                             protected=f"width per group of GroupNorm {node.target} ({g} groups of {width})")
+        prop.unify(x.segs, (RawSeg((groups, per)),), node)
     return x
 
 
@@ -84,7 +91,7 @@ def resize_norm(new: nn.Module, old: nn.Module | None = None, width: int | None 
             return  # nothing sized it
         width = ref.shape[0]
     if isinstance(new, nn.GroupNorm):
-        new.num_groups = width if new.num_groups == new.num_channels else new.num_groups
+        new.num_groups = width // (new.num_channels // new.num_groups)  # whole groups are pruned
         new.num_channels = width
     elif isinstance(new, nn.LayerNorm):
         if len(new.normalized_shape) == 1:

@@ -279,8 +279,9 @@ def _reshape(prop: Propagation, node: fx.Node) -> Any:
                 raise AnalysisError(f"{where(node)} reshapes parameter {v.tensor} across axes; not supported")
             axes[gb[0]] = v.axes[ga[0]]
         return ParamRef(v.tensor, tuple(axes))
-    if src[v.axis] == 1:
-        raise AnalysisError(f"{where(node)} reshapes a single-channel axis; not supported")
+    if src[v.axis] == 1:  # one channel (a detector's centre-ness map): kept, and no channel axis after
+        prop.protect(v.segs, f"{where(node)} reshapes a single-channel axis")
+        return None
     ga, gb = next((ga, gb) for ga, gb in groups if v.axis in ga)
     new = reshape_channels(prop, node, v, src, out, ga, gb, _shape_args(node))
     if node.target in ("reshape_as", "view_as"):
@@ -453,6 +454,15 @@ def _spatial(prop: Propagation, node: fx.Node) -> Any:
     return v
 
 
+def _normalize(prop: Propagation, node: fx.Node) -> Any:
+    """``F.normalize``: a p-norm (p > 0) over the channels is blind to zeroed channels, so pruning them is exact
+    (SSD's L2Norm); over other axes each channel is normalised alone."""
+    p, v = _arg(node, 1, "p", 2.0), prop.value(node.args[0])
+    if isinstance(p, (int, float)) and p > 0 and not isinstance(v, ParamRef):
+        return v
+    return elementwise_along(prop, node, node.args[0], _arg(node, 2, "dim", 1))
+
+
 def _softmax(prop: Propagation, node: fx.Node) -> Any:
     return elementwise_along(prop, node, node.args[0], _arg(node, 1, "dim"))
 
@@ -482,6 +492,7 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "expand_as": _expand,
     "getitem": _getitem,
     "softmax": _softmax,
+    "normalize": _normalize,
     "log_softmax": _softmax,
 }
 _RULES.update(SPLIT_RULES)

@@ -1,0 +1,93 @@
+"""Latency of the whole detector: transform, backbone, neck, heads and post-processing, measured end to end.
+
+The latency tables time the core's ops (convolutions of backbone, neck and heads) as for a classifier. What the
+core does not run (image transform, anchor generation, box decoding, NMS, proposal selection, RoI pooling) is the
+*fixed cost*: the latency model's constant, calibrated on end-to-end measurements of the whole detector (the
+dense one and reference plans, in one run), absorbs it, so predicted and measured latencies are the
+detector's. The detector is measured on a batch of transformed-size images as one tensor (torchvision detectors
+take an (N, 3, H, W) tensor as a batch of images).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+from torch import nn
+
+from ..apply import slim
+from ..latency import (
+    LatencyModel,
+    LatencySettings,
+    LatencyTable,
+    Measurement,
+    Validation,
+    build,
+    calibration_plans,
+    measure_models,
+)
+from ..space import Plan, PruningSpace
+from .implant import implant
+
+
+def measure_detectors(detector: nn.Module, space: PruningSpace, plans: dict[str, Plan], settings: LatencySettings,
+                      progress: bool = False) -> dict[str, Measurement]:
+    """End-to-end latency of the detector slimmed to each plan, measured interleaved in one run."""
+    return measure_models({k: implant(detector, slim(space, p), space) for k, p in plans.items()}, space, settings,
+                          progress=progress)
+
+
+def detector_measure(detector: nn.Module, space: PruningSpace, settings: LatencySettings
+                     ) -> Callable[[dict[str, nn.Module]], dict[str, Measurement]]:
+    """A ``measure`` for :func:`mdprune.search.solve_within_measured_budget`: slim cores, timed as whole
+    detectors."""
+    def measure(models: dict[str, nn.Module]) -> dict[str, Measurement]:
+        return measure_models({k: implant(detector, m, space) for k, m in models.items()}, space, settings)
+    return measure
+
+
+def calibrated_detector_model(detector: nn.Module, space: PruningSpace, table: LatencyTable,
+                              settings: LatencySettings, mode: str = "table", references: bool = True,
+                              progress: bool = False) -> tuple[LatencyModel, dict[str, float]]:
+    """Measure what ``table`` lacks for the core, then calibrate on the whole detector's measured latency.
+
+    Returns the model and ``{"ms": the dense detector's latency, "noise": its spread, "fixed_ms": the part of
+    it the tables do not see (the model's constant: transform, post-processing, ...)}``.
+    """
+    build(space, table, settings, progress=progress, calibrate=False)
+    refs = calibration_plans(space) if references else []
+    measured = measure_detectors(detector, space, {"dense": Plan.identity()} | {f"ref{i}": p for i, p in
+                                                                               enumerate(refs)}, settings, progress)
+    lm = LatencyModel(space, table, mode, settings.grid_points, settings.grid_points_3d)
+    lm.calibrate(measured["dense"].ms, [(p, measured[f"ref{i}"].ms) for i, p in enumerate(refs)])
+    return lm, {"ms": measured["dense"].ms, "noise": measured["dense"].noise, "fixed_ms": lm.constant}
+
+
+def validate_detector(detector: nn.Module, space: PruningSpace, table: LatencyTable, settings: LatencySettings,
+                      plans: list[Plan], progress: bool = False, calibrate_scale: bool = True) -> Validation:
+    """Predicted against measured end-to-end latency of the whole detector slimmed to random ``plans``: the
+    figures of :func:`mdprune.latency.validate` (each detector measured twice, models calibrated on the dense
+    detector and reference plans of the same run, never on the plans checked)."""
+    build(space, table, settings, progress=progress, calibrate=False)
+    references = calibration_plans(space)
+    named = {"dense": Plan.identity()} | {f"ref{i}": p for i, p in enumerate(references)} \
+        | {f"plan{i}": p for i, p in enumerate(plans)}
+    dets = {k: implant(detector, slim(space, p), space) for k, p in named.items()}
+    measured = measure_models({(k, r): d for k, d in dets.items() for r in (0, 1)}, space, settings,
+                              progress=progress)
+    best = {k: min(measured[(k, 0)].ms, measured[(k, 1)].ms) for k in named}
+    refs = [(p, best[f"ref{i}"]) for i, p in enumerate(references)] if calibrate_scale else None
+    models = {m: LatencyModel(space, table, m, settings.grid_points, settings.grid_points_3d)
+              for m in ("table", "linear")}
+    for lm in models.values():
+        lm.calibrate(best["dense"], refs)
+    out = Validation(dense_ms=best["dense"], scale={m: lm.scale for m, lm in models.items()})
+    for i, p in enumerate(plans):
+        out.rows.append({"plan": i, "removed_blocks": len(p.removed),
+                         "params": space.count_params(p.sizes(space), set(p.removed)), "measured": best[f"plan{i}"],
+                         "table": models["table"].predict_plan(p), "linear": models["linear"].predict_plan(p),
+                         "noise": measured[(f"plan{i}", 0)].noise})
+    out.noise_floor = statistics.median(abs(measured[(k, 0)].ms - measured[(k, 1)].ms)
+                                        / min(measured[(k, 0)].ms, measured[(k, 1)].ms) for k in named)
+    out.fixed_ms = models["table"].constant  # type: ignore[attr-defined]
+    return out

@@ -1,0 +1,163 @@
+"""The traceable core of a detector, and the families that know how to cut one out.
+
+A torchvision detector is ``transform -> backbone (+ FPN) -> heads -> anchors, box decoding, NMS``; only the
+middle part is a fixed graph that torch.fx can trace. The *core* runs exactly that part: the transformed image
+batch in, the heads' raw outputs out. mdprune analyses, masks and slims the core; the slim core's layers are then
+put back into the full detector (see :mod:`mdprune.detection.implant`), which still runs end to end.
+
+A :class:`DetectorFamily` says how to run the heads of one kind of detector from its backbone features; register
+your own with :func:`register_family` (no edit of mdprune needed).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..layers import Chan, register_layer
+from ..space.errors import AnalysisError, where
+
+HeadsFn = Callable[["DetectorCore", "OrderedDict[str, torch.Tensor]", torch.Tensor], tuple[torch.Tensor, ...]]
+PREFIX = "detector."  # where the detector sits inside its core: core paths are PREFIX + detector paths
+
+
+@dataclass(frozen=True)
+class DetectorFamily:
+    """How to run one kind of detector's heads from its backbone's features.
+
+    Attributes:
+        name: the family's name.
+        types: detector classes it covers (subclasses too), or ``"package.module.Class"`` paths.
+        heads: ``(core, features, images) -> raw outputs``: the heads on the backbone's features (an ordered
+            dict of feature maps); ``core.detector`` is the detector. Only traceable code: no anchors, no NMS.
+        outputs: names of the raw outputs, in order (for reports).
+        prepare: called once on a new core (e.g. to add modules the heads need, such as a fixed RoI pooling).
+    """
+
+    name: str
+    types: tuple[type | str, ...]
+    heads: HeadsFn
+    outputs: tuple[str, ...] = ()
+    prepare: Callable[[DetectorCore], None] | None = None
+
+
+_FAMILIES: list[DetectorFamily] = []
+
+
+def register_family(family: DetectorFamily) -> DetectorFamily:
+    """Add a detector family (a later registration of the same class wins)."""
+    _FAMILIES.append(family)
+    return family
+
+
+def family_of(detector: nn.Module) -> DetectorFamily:
+    """The family covering ``detector``'s class (the latest registered). Exact classes only: a subclass may run
+    more heads on the features (Mask R-CNN's mask head) that the family does not know."""
+    for fam in reversed(_FAMILIES):
+        for t in fam.types:
+            cls = _import(t) if isinstance(t, str) else t
+            if cls is not None and type(detector) is cls:
+                return fam
+    raise ValueError(f"mdprune knows no detector family for {type(detector).__name__}: register one with "
+                     "mdprune.detection.register_family")
+
+
+def _import(path: str) -> type | None:
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+class DetectorCore(nn.Module):
+    """Images (already transformed: normalised, resized, batched) -> the heads' raw outputs, as a tuple."""
+
+    def __init__(self, detector: nn.Module, family: DetectorFamily | None = None):
+        super().__init__()
+        self.detector = detector
+        self.family = family or family_of(detector)
+        if self.family.prepare is not None:
+            self.family.prepare(self)
+        self.train(detector.training)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.detector.backbone(images)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        return self.family.heads(self, features, images)
+
+
+# ---- single-stage detectors: SSD, SSDLite, RetinaNet, FCOS ---------------------------------------------------
+
+def _single_stage_heads(core: DetectorCore, features: OrderedDict[str, torch.Tensor], images: torch.Tensor
+                        ) -> tuple[torch.Tensor, ...]:
+    out = core.detector.head(list(features.values()))
+    return tuple(out[k] for k in sorted(out))  # bbox_ctrness, bbox_regression, cls_logits (those present)
+
+
+register_family(DetectorFamily(
+    "single_stage", ("torchvision.models.detection.ssd.SSD", "torchvision.models.detection.retinanet.RetinaNet",
+                     "torchvision.models.detection.fcos.FCOS"),
+    _single_stage_heads, ("bbox_ctrness", "bbox_regression", "cls_logits")))
+
+
+# ---- two-stage: Faster R-CNN ---------------------------------------------------------------------------------
+
+class FixedRoIPool(nn.Module):
+    """The detector's RoI pooling on a fixed set of boxes (a grid of sizes over the image), so that the box head
+    joins the traced core: its first layer's input channels are the pooled feature maps' channels. Used only
+    in the core; the full detector pools its real proposals with its own pooling module."""
+
+    def __init__(self, pool: nn.Module, boxes: int = 8):
+        super().__init__()
+        self.pool = pool
+        self.boxes = boxes
+
+    def forward(self, features: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        s = torch.linspace(0.15, 1.0, self.boxes, device=images.device).unsqueeze(1)  # box sizes, centred
+        c = torch.tensor([w / 2, h / 2, w / 2, h / 2], device=images.device)
+        half = torch.tensor([-w / 2, -h / 2, w / 2, h / 2], device=images.device)
+        boxes = c + s * half
+        return self.pool(features, [boxes] * images.shape[0], [(h, w)] * images.shape[0])
+
+
+def _roi_channels(prop, node: fx.Node, m: FixedRoIPool) -> Chan:  # noqa: ANN001 - a channel rule
+    """The pooled features' channels are those of every level the pooling reads: tied together."""
+    feats = node.args[0]
+    names = list(getattr(m.pool, "featmap_names", feats))
+    values = [prop.value(feats[k]) for k in names if k in feats]
+    if not values or not all(isinstance(v, Chan) and v.axis == 1 for v in values):
+        raise AnalysisError(f"{where(node)}: cannot find the channels of the pooled feature maps")
+    for v in values[1:]:
+        prop.unify(values[0].segs, v.segs, node)
+    return Chan(1, values[0].segs)
+
+
+register_layer(FixedRoIPool, channels=_roi_channels, subclasses="exact", name="fixed_roi_pool")
+
+
+def _rcnn_prepare(core: DetectorCore) -> None:
+    core.roi_pool = FixedRoIPool(core.detector.roi_heads.box_roi_pool)
+
+
+def _rcnn_heads(core: DetectorCore, features: OrderedDict[str, torch.Tensor], images: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+    det = core.detector
+    objectness, deltas = det.rpn.head(list(features.values()))
+    pooled = core.roi_pool(features, images)
+    class_logits, box_regression = det.roi_heads.box_predictor(det.roi_heads.box_head(pooled))
+    return (*objectness, *deltas, class_logits, box_regression)
+
+
+register_family(DetectorFamily(
+    "two_stage", ("torchvision.models.detection.faster_rcnn.FasterRCNN",), _rcnn_heads,
+    ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression"), _rcnn_prepare))

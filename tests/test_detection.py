@@ -1,0 +1,200 @@
+"""Detectors (mdprune.detection): analysis of the core, slim == masked on the full detector, pruning, data, mAP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mdprune
+from mdprune.detection import analyze_detector, masked_detector, slim_detector
+from mdprune.detection.models import create_detector
+
+from .conftest import randomize_norms, rel_err
+
+# name -> image size (SSD300's extra layers need ~268 pixels)
+DETECTORS = {
+    "ssdlite320_mobilenet_v3_large": 128,
+    "ssd300_vgg16": 268,
+    "retinanet_resnet50_fpn_v2": 128,
+    "fcos_resnet50_fpn": 128,
+    "fasterrcnn_mobilenet_v3_large_fpn": 128,
+}
+
+
+def build(name: str, size: int | None = None) -> tuple[torch.nn.Module, torch.Tensor]:
+    size = size or DETECTORS[name]
+    torch.manual_seed(0)
+    det = randomize_norms(create_detector(name, num_classes=4, image_size=size, score_thresh=0.0)).eval()
+    return det, torch.randn(1, 3, size, size)
+
+
+def same_detections(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], size: int) -> None:
+    """The same boxes, scores and labels, up to the order of detections whose scores tie within float noise."""
+    assert a["boxes"].shape == b["boxes"].shape
+    tol = 1e-3 * size
+    free = torch.ones(len(b["scores"]), dtype=torch.bool)
+    for box, score, label in zip(a["boxes"], a["scores"], a["labels"], strict=True):
+        ok = free & (b["labels"] == label) & ((b["scores"] - score).abs() <= 1e-4) \
+            & ((b["boxes"] - box).abs().amax(dim=1) <= tol)
+        assert ok.any(), f"no match for box {box.tolist()} score {score.item():.4f}"
+        free[int(ok.nonzero()[0])] = False
+
+
+HEAVY = {"ssd300_vgg16", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"}  # ~10 s each on 2 cores
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_detector_analysed(name: str) -> None:
+    """Backbone, neck and heads are prunable; what the task fixes (classes x anchors, box coordinates) is not."""
+    det, x = build(name)
+    space = analyze_detector(det, x)
+    prunable = space.prunable_dims()
+    assert len(prunable) >= 10, name
+    live = {d.name for d in prunable}
+    touched = {t.name.split(".")[1] for t in space.tensors.values()
+               if any(d in live for segs in t.axes.values() for seg in segs for d in seg.dims)}
+    assert "backbone" in touched and touched & {"head", "rpn", "roi_heads"}, (name, touched)
+    plan = mdprune.Plan.random(space, seed=0)
+    with torch.no_grad():  # what the task fixes (anchors x classes, box coordinates) keeps its width
+        dense, pruned = space.module.eval()(x), mdprune.slim(space, plan).eval()(x)
+    assert [t.shape for t in dense] == [t.shape for t in pruned]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in DETECTORS])
+def test_detector_slim_equals_masked(name: str) -> None:
+    det, x = build(name)
+    space = analyze_detector(det, x)
+    assert space.prunable_dims(), name
+    size = x.shape[-1]
+    images = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(1))]
+    for seed in (1, 2):
+        plan = mdprune.Plan.random(space, seed=seed, block_prob=0.3)
+        sizes, removed = plan.sizes(space), set(plan.removed)
+        s, m = mdprune.slim(space, plan).eval(), mdprune.masked(space, plan).eval()
+        with torch.no_grad():
+            raw_s, raw_m = s(x), m(x)
+        for a, b in zip(raw_m, raw_s, strict=True):
+            assert rel_err(a, b) <= 1e-4, f"{name} seed {seed}: raw head outputs differ"
+        sd = slim_detector(space, plan, det).eval()
+        md = masked_detector(space, plan, det)[0].eval()
+        assert sum(p.numel() for p in sd.parameters()) == space.count_params(sizes, removed)
+        with torch.no_grad():
+            out_s, out_m = sd(images)[0], md(images)[0]
+        assert len(out_s["boxes"]) > 0
+        same_detections(out_m, out_s, size)
+
+
+def test_shared_head_stays_shared() -> None:
+    """RetinaNet's head runs one module on every pyramid level: the slim detector still has one."""
+    det, x = build("retinanet_resnet50_fpn_v2")
+    space = analyze_detector(det, x)
+    plan = mdprune.Plan.random(space, seed=3)
+    sd = slim_detector(space, plan, det)
+    head = sd.head.classification_head
+    conv = head.conv[0][0]
+    assert conv.in_channels == sd.backbone.fpn.layer_blocks[0][0].out_channels  # every level feeds it
+    levels = [m for n, m in space.module.named_modules() if n.endswith("classification_head.conv.0.0")]
+    assert len(levels) == 1
+    calls = [n for n in space.module.graph.nodes if n.op == "call_module"
+             and n.target == "detector.head.classification_head.conv.0.0"]
+    assert len(calls) == 5  # one module, five levels
+    outputs = space.dims
+    # outputs fixed by the task (anchors x classes, box coordinates) are never pruned
+    for tensor in ("detector.head.classification_head.cls_logits.weight",
+                   "detector.head.regression_head.bbox_reg.weight"):
+        for seg in space.tensors[tensor].axes.get(0, ()):
+            assert all(not outputs[d].prunable for d in seg.dims)
+
+
+FAST = dict(backend="flops", grid_points=2, grid_points_3d=2)
+
+
+def fast_settings():
+    from mdprune.latency import LatencySettings, TimingSettings
+
+    return LatencySettings(**FAST, timing=TimingSettings(warmup=1, reps=1, rounds=1, min_sample_ms=0.0))
+
+
+@pytest.fixture(scope="module")
+def tiny_set():
+    from mdprune.detection.data import GeneratedDetection
+
+    return GeneratedDetection(n=4, size=96, classes=2, max_objects=2, min_item=16, max_item=32, seed=0)
+
+
+def test_generated_set_reproducible(tiny_set) -> None:
+    from mdprune.detection.data import GeneratedDetection
+
+    again = GeneratedDetection(n=4, size=96, classes=2, max_objects=2, min_item=16, max_item=32, seed=0)
+    for (a, ta), (b, tb) in zip(tiny_set, again, strict=True):
+        assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"]) and torch.equal(ta["labels"], tb["labels"])
+    x, t = tiny_set[0]
+    assert x.shape == (3, 96, 96) and len(t["boxes"]) >= 1
+    assert (t["boxes"][:, 2:] > t["boxes"][:, :2]).all() and t["labels"].min() >= 1
+
+
+def test_coco_reader_and_map(tiny_set, tmp_path) -> None:
+    """The generated set written as COCO, read back (boxes within a pixel of rounding), and its ground truth
+    scored as predictions gives mAP 1."""
+    from mdprune.detection.data import CocoDetection, loader
+    from mdprune.detection.metric import evaluate_map
+
+    ann = tiny_set.save_coco(tmp_path)
+    coco = CocoDetection(tmp_path / "images", ann, size=96)
+    assert len(coco) == 4 and coco.num_classes == 3
+    for (_, a), (_, b) in zip(tiny_set, coco, strict=True):
+        assert torch.allclose(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+
+    class Oracle(torch.nn.Module):
+        def forward(self, images):
+            return [{"boxes": t["boxes"], "scores": torch.ones(len(t["labels"])), "labels": t["labels"]}
+                    for t in self.targets[:len(images)]]
+
+    oracle = Oracle()
+    oracle.targets = [t for _, t in coco]
+    result = evaluate_map(oracle, loader(coco, batch_size=4)())
+    assert result["map"] == pytest.approx(1.0) and result["map_50"] == pytest.approx(1.0)
+
+
+def test_voc_reader(tmp_path) -> None:
+    from PIL import Image
+
+    from mdprune.detection.data import VOCDetection
+
+    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (tmp_path / d).mkdir(parents=True)
+    Image.new("RGB", (200, 100), (10, 20, 30)).save(tmp_path / "JPEGImages" / "a.jpg")
+    (tmp_path / "Annotations" / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename>"
+        "<object><name>dog</name><difficult>0</difficult><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>101</xmax>"
+        "<ymax>61</ymax></bndbox></object>"
+        "<object><name>cat</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
+        "<ymax>5</ymax></bndbox></object></annotation>")
+    (tmp_path / "ImageSets" / "Main" / "train.txt").write_text("a\n")
+    ds = VOCDetection(tmp_path, "train", size=100, classes=["cat", "dog"])
+    x, t = ds[0]
+    assert x.shape == (3, 100, 100)
+    assert t["labels"].tolist() == [2]  # the difficult cat is skipped; dog is class 2 of 2
+    assert torch.allclose(t["boxes"], torch.tensor([[5.0, 20.0, 50.5, 61.0]]))  # x by 100/200; VOC mins from 1
+
+
+def test_oneshot_prune_finishes(tiny_set, tmp_path) -> None:
+    """A one-shot prune of SSDLite with a small (flops) table: importance from the loss dict, a solve, the slim
+    detector runs; saved and loaded without pickled code, it gives the same detections."""
+    from mdprune.detection import load_detector, prune_detector, save_detector
+    from mdprune.detection.data import loader
+
+    torch.manual_seed(0)
+    det = create_detector("ssdlite320_mobilenet_v3_large", num_classes=tiny_set.num_classes, image_size=96,
+                          score_thresh=0.0)
+    slim, report = prune_detector(det, 96, "70%", data=loader(tiny_set, batch_size=2), settings=fast_settings(),
+                                  lut=tmp_path / "lut", importance_batches=1, verify_rounds=0)
+    assert report.params[1] < report.params[0] and report.predicted_ms <= report.target_ms * 1.0001
+    assert report.fixed_ms >= 0
+    images = [tiny_set[0][0]]
+    with torch.no_grad():
+        out = slim.eval()(images)[0]
+    save_detector(slim, tmp_path / "slim.pt")
+    again = load_detector(tmp_path / "slim.pt")
+    with torch.no_grad():
+        same_detections(out, again(images)[0], 96)
