@@ -28,7 +28,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mdprune
 from mdprune.latency import LatencySettings, TimingSettings
-from mdprune.models import default_input_size
 
 MODELS = [
     "torchvision:resnext50_32x4d", "torchvision:regnet_x_400mf", "torchvision:regnet_y_400mf",
@@ -102,7 +101,7 @@ def run_model(entry: str, input_size: int | None, budget: str, seed: int) -> dic
     torch.manual_seed(seed)
     try:
         model = trained_like(mdprune.create_model(name, num_classes=10, **kwargs).eval(), seed)
-        c, h, w = default_input_size(model)
+        c, h, w = mdprune.default_input_size(model)
         if input_size is not None:
             h = w = input_size
         x = torch.randn(1, c, h, w)

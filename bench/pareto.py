@@ -6,6 +6,8 @@ On this CPU, with Fashion-MNIST (Debian package dataset-fashion-mnist; scikit-le
 - three latency budgets: 70%, 50% and 30% of the dense model's measured latency;
 - methods: mdprune's MDP (channels + blocks + table model) and the paper's three ablations (channels + linear
   = HALP, channels + blocks + linear, channels + table), each aiming at the budget with its own latency model;
+  MDP with a removed block's share of the dimensions it shares still counted (the objective before MDP's block
+  semantics), and MDP's plan fine-tuned with distillation from the dense model (``--kd-budgets``);
   Torch-Pruning's global pruner with Taylor importance and uniform pruner with magnitude importance, at the
   pruning ratio whose *measured* latency matches the budget (bisection, measured against the dense model);
 - every pruned model gets the same BatchNorm recalibration and fine-tuning recipe, then its latency is
@@ -28,24 +30,34 @@ import torch
 from torch import nn
 
 import mdprune
-from mdprune.importance import estimate
+from mdprune.importance import SHARE_PREFIX, estimate
 from mdprune.latency import LatencySettings, TimingSettings, measure_models, open_table
-from mdprune.models import create_model
-from mdprune.search import calibrated_model, solve_plan, solve_within_measured_budget
+from mdprune.search import Search, calibrated_model, solve_within_measured_budget
 from mdprune.solve import InfeasibleBudget, Solution
-from mdprune.train.bn import recalibrate_bn
-from mdprune.train.data import builtin, loader
-from mdprune.train.loop import TrainConfig, evaluate, make_optimizer, make_scheduler, train_epoch
-from mdprune.train.schedule import budget_path
+from mdprune.train import (
+    Distiller,
+    TrainConfig,
+    budget_path,
+    builtin,
+    evaluate,
+    loader,
+    make_optimizer,
+    make_scheduler,
+    recalibrate_bn,
+    train_epoch,
+)
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path.home() / ".cache" / "mdprune" / "bench"
-MDP_VARIANTS = {  # name -> (latency model, blocks)
-    "MDP (channels+blocks, table)": ("table", True),
-    "channels, table": ("table", False),
-    "channels+blocks, linear": ("linear", True),
-    "HALP (channels, linear)": ("linear", False),
+MDP = "MDP (channels+blocks, table)"
+MDP_VARIANTS = {  # name -> (latency model, blocks, removed blocks' shares of shared dims leave the objective)
+    MDP: ("table", True, True),
+    "MDP, block shares kept": ("table", True, False),
+    "channels, table": ("table", False, True),
+    "channels+blocks, linear": ("linear", True, True),
+    "HALP (channels, linear)": ("linear", False, True),
 }
+KD = "MDP + distillation"
 TP_VARIANTS = {"TP global Taylor": (True, "taylor"), "TP uniform magnitude": (False, "magnitude")}
 MODELS = {"small_resnet18": {"lr": 0.1, "optimizer": "sgd"}, "small_vit": {"lr": 1e-3, "optimizer": "adamw"}}
 
@@ -65,7 +77,7 @@ def data(train_limit: int, test_limit: int | None, seed: int = 0):
 def dense_model(name: str, train, test, spec, epochs: int) -> nn.Module:
     """The dense model, trained once and cached."""
     path = CACHE / f"{name}-{spec.name}-{len(train)}-{epochs}.pt"
-    model = create_model(name, num_classes=spec.num_classes, in_chans=spec.channels)
+    model = mdprune.create_model(name, num_classes=spec.num_classes, in_chans=spec.channels)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         log(f"{name}: cached dense model {path}")
@@ -86,8 +98,10 @@ def dense_model(name: str, train, test, spec, epochs: int) -> nn.Module:
     return model.eval()
 
 
-def finetune(model: nn.Module, name: str, train, iterations: int, seed: int) -> nn.Module:
-    """The same recipe for every pruned model: BatchNorm recalibration, then a short cosine fine-tuning."""
+def finetune(model: nn.Module, name: str, train, iterations: int, seed: int, teacher: nn.Module | None = None
+             ) -> nn.Module:
+    """The same recipe for every pruned model: BatchNorm recalibration, then a short cosine fine-tuning (with
+    ``teacher``: its soft targets mixed in, weight 0.5, temperature 4)."""
     torch.manual_seed(seed)
     tl = loader(train, 128, True, seed=seed)
     recalibrate_bn(model, tl, 20)
@@ -96,7 +110,8 @@ def finetune(model: nn.Module, name: str, train, iterations: int, seed: int) -> 
                       weight_decay=5e-4 if recipe["optimizer"] == "sgd" else 0.05, max_iterations=iterations)
     opt = make_optimizer(model, cfg)
     sch = make_scheduler(opt, cfg, min(iterations, len(tl)))
-    train_epoch(model, tl, opt, sch, cfg, torch.device("cpu"))
+    loss_fn = Distiller(copy.deepcopy(teacher), weight=0.5, temperature=4.0) if teacher is not None else None
+    train_epoch(model, tl, opt, sch, cfg, torch.device("cpu"), loss_fn=loss_fn)
     return model.eval()
 
 
@@ -121,21 +136,23 @@ class Pruner:
                                          max_batches=16)
         return self.scores[seed]
 
-    def prune(self, budget: float, mode: str, blocks: bool, train, seed: int, steps: int = 4,
+    def prune(self, budget: float, mode: str, blocks: bool, shares: bool, train, seed: int, steps: int = 4,
               measured_check: bool = True) -> nn.Module:
         """Every variant steps down the same exponential latency path (importance fixed), as HALP's linear
         model needs: it freezes input widths at their current values, so one step from dense cannot see
         that shrinking a layer's input makes it faster. The last step's plan gets mdprune's measured check
         (re-solved at a corrected budget while its measured latency misses the target), as the tool does."""
         scores = self.importance(train, seed)
+        if not shares:
+            scores = {k: v for k, v in scores.items() if not k.startswith(SHARE_PREFIX)}
         plan = mdprune.Plan()
         dense = self.dense_ms["ms"]
         path = budget_path(dense, budget * dense, steps)
+        search = Search(self.space, self.models[mode], {"latency": budget * dense}, blocks=blocks)
         for t, b in enumerate(path):
-            lm = self.models[mode].frozen_at(plan.sizes(self.space)) if mode == "linear" else self.models[mode]
 
-            def solve_at(ms: float, lm=lm, current=plan) -> tuple[mdprune.Plan, Solution]:
-                return solve_plan(self.space, scores, lm, ms, current=current, blocks=blocks)
+            def solve_at(ms: float, current=plan) -> tuple[mdprune.Plan, Solution]:
+                return search.solve(scores, ms, current=current)
 
             if t == len(path) - 1 and measured_check:
                 plan, _, _ = solve_within_measured_budget(self.space, self.models[mode], self.settings, solve_at,
@@ -223,12 +240,14 @@ def run(args: argparse.Namespace) -> dict:
         for budget in args.budgets:
             for seed in range(args.seeds):
                 candidates = {}
-                for method, (mode, blocks) in MDP_VARIANTS.items():
+                for method, (mode, blocks, shares) in MDP_VARIANTS.items():
                     try:
-                        candidates[method] = pruner.prune(budget, mode, blocks, train, seed,
+                        candidates[method] = pruner.prune(budget, mode, blocks, shares, train, seed,
                                                           measured_check=not args.no_measured_check)
                     except InfeasibleBudget as e:
                         rows.append({"method": method, "budget": budget, "seed": seed, "unreachable": str(e)})
+                if MDP in candidates and budget in args.kd_budgets:  # the same plan, fine-tuned with distillation
+                    candidates[KD] = copy.deepcopy(candidates[MDP])
                 for method, (glob, imp) in TP_VARIANTS.items():
                     if (method, budget) not in tp_ratio:  # the ratio matching the budget, searched once
                         tp_ratio[(method, budget)] = tp_ratio_at_budget(dense, x, space, budget, glob, imp, train,
@@ -241,7 +260,8 @@ def run(args: argparse.Namespace) -> dict:
                     candidates[method] = tp_prune(dense, x, ratio, glob, imp, train, seed)
                 for method, model in candidates.items():
                     t = time.monotonic()
-                    model = finetune(model, name, train, args.finetune_iterations, seed)
+                    model = finetune(model, name, train, args.finetune_iterations, seed,
+                                     teacher=dense if method == KD else None)
                     ms, dense_ms, ratio = latency_ratio(model, dense, space, settings)
                     acc = evaluate(model, loader(test, 512, False), torch.device("cpu"))["accuracy"]
                     params = sum(p.numel() for p in model.parameters())
@@ -322,7 +342,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--budgets", nargs="*", type=float, default=[0.7, 0.5, 0.3])
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--kd-budgets", nargs="*", type=float, default=[0.3],
+                   help="budgets at which MDP's plan is also fine-tuned with distillation from the dense model")
     p.add_argument("--train-limit", type=int, default=20000)
     p.add_argument("--test-limit", type=int, default=5000)
     p.add_argument("--dense-epochs", type=int, default=5)

@@ -17,26 +17,27 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Plan": ".space", "PlanError": ".space", "PrunedAttention": ".apply", "masked": ".apply", "slim": ".apply",
     "export_onnx": ".apply.io", "load": ".apply.io", "save": ".apply.io",
-    "create_model": ".models", "register_layer": ".layers",
-    "PruneReport": ".one_call", "prune": ".one_call",
+    "create_model": ".models", "default_input_size": ".models", "register_layer": ".layers",
+    "PruneReport": ".one_call", "prune": ".one_call", "Pruner": ".train", "PruneSchedule": ".train",
     "InfeasibleBudget": ".solve",
     "AnalysisError": ".space", "Block": ".space", "Dimension": ".space", "Op": ".space", "PruningSpace": ".space",
     "analyze": ".space",
 }
 __all__ = [
     "AnalysisError", "Block", "Dimension", "InfeasibleBudget", "Op", "Plan", "PlanError", "PruneReport",
-    "PrunedAttention", "PruningSpace", "analyze", "create_model", "export_onnx", "load", "masked", "prune",
-    "register_layer", "save", "slim",
+    "PruneSchedule", "PrunedAttention", "Pruner", "PruningSpace", "analyze", "create_model", "default_input_size",
+    "export_onnx", "load", "masked", "prune", "register_layer", "save", "slim",
 ]
 
 if TYPE_CHECKING:
     from .apply import PrunedAttention, masked, slim
     from .apply.io import export_onnx, load, save
     from .layers import register_layer
-    from .models import create_model
+    from .models import create_model, default_input_size
     from .one_call import PruneReport, prune
     from .solve import InfeasibleBudget
     from .space import AnalysisError, Block, Dimension, Op, Plan, PlanError, PruningSpace, analyze
+    from .train import Pruner, PruneSchedule
 
 
 def __getattr__(name: str) -> Any:

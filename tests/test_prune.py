@@ -52,6 +52,21 @@ def test_prune_returns_a_slim_model_meeting_the_predicted_budget(key, tmp_path):
         assert slim(x).shape == model(x).shape
 
 
+def test_prune_takes_constraints_and_the_older_names_alike(tmp_path):
+    model, x, space = build("tiny_cnn")
+    kw = dict(data=_data(x), lut=tmp_path, settings=FAST, space=space, log=lambda _: None)
+    slim, report = prune(model, x, constraints={"latency": "90%", "params": "80%"}, **kw)
+    assert [r["name"] for r in report.constraints] == ["latency", "params"]
+    assert all(r["satisfiable"] for r in report.constraints) and report.target_ms < report.dense_ms
+    assert sum(p.numel() for p in slim.parameters()) == report.params[1] <= 0.8 * report.params[0]
+    _, same = prune(model, x, "90%", params="80%", **kw)  # budget= and params= are the same constraints
+    assert same.plan == report.plan and same.constraints == report.constraints
+    with pytest.raises(ValueError, match="given twice"):
+        prune(model, x, "50%", constraints={"latency": "40%"}, **kw)
+    with pytest.raises(ValueError, match="cannot read budget"):
+        prune(model, x, constraints={"macs": "lots"}, **kw)
+
+
 def test_unreachable_budget_states_the_smallest_latency():
     _, _, space = build("tiny_vit")
     lm = _fake(space)

@@ -16,9 +16,10 @@ import torch
 import mdprune
 from mdprune.latency import LatencyTable, fingerprint
 from mdprune.solve import InfeasibleBudget
-from mdprune.train import run as run_module
+from mdprune.train import phases
 from mdprune.train.data import DataError
 from mdprune.train.loop import NaNLoss, TrainConfig, train_epoch
+from mdprune.train.result import RunResult
 from mdprune.train.run import PruneRun, RunConfig
 from mdprune.train.rundir import RunDir, RunDirError
 from mdprune.train.schedule import PruneSchedule, budget_path
@@ -49,20 +50,26 @@ def test_budget_path_is_exponential_to_the_target():
 def test_run_ends_with_a_slim_model_within_its_predicted_budget(kind, tmp_path):
     sched = PruneSchedule(kind, steps=2, every=2, importance_batches=2)
     result = PruneRun(config(tmp_path, schedule=sched), tmp_path / "run").run()
-    why = json.dumps({k: result[k] for k in ("target_ms", "predicted_ms", "history", "budgets", "params")})
-    checks = result["history"][-1]["checks"]  # the final plan measured, and re-solved if it missed
+    why = json.dumps({k: getattr(result, k) for k in ("target_ms", "predicted_ms", "history", "budgets", "params")})
+    checks = result.history[-1]["checks"]  # the final plan measured, and re-solved if it missed
     kept = [c for c in checks if c["kept"]]
-    assert len(kept) == 1 and checks[0]["budget_ms"] == pytest.approx(result["target_ms"]), why
-    assert result["predicted_ms"] <= kept[0]["budget_ms"] * (1 + 1e-6), why  # the solver's budget holds
+    assert len(kept) == 1 and checks[0]["budget_ms"] == pytest.approx(result.target_ms), why
+    assert result.predicted_ms <= kept[0]["budget_ms"] * (1 + 1e-6), why  # the solver's budget holds
     # the plan kept measured within the budget, unless no re-solve could get it there (then the last one)
     assert kept[0]["fraction"] <= kept[0]["target_fraction"] * 1.03 or kept[0] is checks[-1], why
-    assert len(result["history"]) == sched.steps, why
-    steps = [h["budget_ms"] for h in result["history"]]
-    assert steps == sorted(steps, reverse=True) and steps[-1] == pytest.approx(result["target_ms"]), why
+    assert len(result.history) == sched.steps, why
+    steps = [h["budget_ms"] for h in result.history]
+    assert steps == sorted(steps, reverse=True) and steps[-1] == pytest.approx(result.target_ms), why
     model = mdprune.load(tmp_path / "run" / "model.pt")
-    assert sum(p.numel() for p in model.parameters()) == result["params"][1] < result["params"][0], why
+    assert sum(p.numel() for p in model.parameters()) == result.params[1] < result.params[0], why
     for name in ("config.json", "log.txt", "checkpoint.pt", "plan.json", "result.json"):
         assert (tmp_path / "run" / name).exists()
+    # result.json is the schema the report reads; the constraint table was logged before any training
+    assert RunResult.from_dict(json.loads((tmp_path / "run" / "result.json").read_text())) == RunResult.from_dict(
+        json.loads(result.to_json()))
+    assert [r["name"] for r in result.constraint_table] == ["latency"] and result.constraint_table[0]["satisfiable"]
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.index("smallest reachable") < log.index("pruning step 0")
 
 
 def _interrupt_after(monkeypatch, copies: Path, nth: int) -> None:
@@ -95,7 +102,7 @@ def test_resume_gives_the_same_plan_and_weights(kind, nth, tmp_path, monkeypatch
     assert json.loads((tmp_path / "full" / "plan.json").read_text()) == json.loads(
         (tmp_path / "interrupted" / "plan.json").read_text())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert full["accuracy"] == resumed["accuracy"]
+    assert full.accuracy == resumed.accuracy
 
 
 def test_two_process_gloo_run_has_identical_masks_and_one_set_of_artifacts(tmp_path):
@@ -131,8 +138,8 @@ def test_image_folder_data(tmp_path):
                  input_size=8, train_limit=None, val_limit=None, budget="95%", steps={"channel": 4},
                  train=TrainConfig(epochs=1, batch_size=4, lr=0.01, max_iterations=2))
     result = PruneRun(cfg, tmp_path / "run").run()
-    kept = next(c for c in result["history"][-1]["checks"] if c["kept"])  # the final plan's measured check
-    assert result["predicted_ms"] <= kept["budget_ms"] * (1 + 1e-6)
+    kept = next(c for c in result.history[-1]["checks"] if c["kept"])  # the final plan's measured check
+    assert result.predicted_ms <= kept["budget_ms"] * (1 + 1e-6)
     assert mdprune.load(tmp_path / "run" / "model.pt", trust_code=True)(torch.randn(1, 3, 8, 8)).shape == (1, 2)
 
 
@@ -171,7 +178,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
             raise NaNLoss("loss is nan at iteration 0")
         return train_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "train_epoch", flaky)
+    monkeypatch.setattr(phases, "train_epoch", flaky)
     with pytest.raises(NaNLoss, match="last good checkpoint"):
         PruneRun(config(tmp_path), tmp_path / "run").run()
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
@@ -190,30 +197,7 @@ def test_train_epoch_detects_nan():
 
 
 def test_an_unreachable_target_is_refused_before_any_training(tmp_path):
-    with pytest.raises(InfeasibleBudget, match=r"smallest reachable latency is [0-9.]+ ms, [0-9.]+% of dense") as e:
+    with pytest.raises(InfeasibleBudget, match=r"smallest reachable is [0-9.]+ ms, [0-9.]+% of dense") as e:
         PruneRun(config(tmp_path, budget="1%"), tmp_path / "run").run()
     assert e.value.minimum > e.value.budget
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # stopped before the first training step
-
-
-@pytest.mark.parametrize("final", [False, True])
-def test_a_step_below_the_smallest_reachable_latency_takes_the_smallest_plan(final, tmp_path):
-    from mdprune.latency import open_table
-    from mdprune.report import write_report
-    from mdprune.search import calibrated_model, smallest_latency
-
-    run = PruneRun(config(tmp_path), tmp_path / "run")
-    run.setup()
-    run.lm, dense = calibrated_model(run.space, open_table(run.settings, run.cfg.lut), run.settings)
-    floor = smallest_latency(run.space, run.lm)
-    run.state_latency = {"target_ms": 0.5 * floor, "dense_ms": dense["ms"]}
-    said: list[str] = []
-    run.log = said.append
-    scores = {d.name: torch.rand(d.size).numpy() for d in run.space.prunable_dims()}
-    plan, info = run._solve(scores, 0.5 * floor, mdprune.Plan(), final=final)
-    assert info["unreachable"] == {"budget_ms": 0.5 * floor, "smallest_ms": pytest.approx(floor)}
-    assert info["predicted_ms"] == pytest.approx(floor, rel=1e-6)
-    assert any("taking the smallest reachable plan" in s for s in said)
-    assert bool(info["checks"]) == final  # the final step still measures what it kept
-    files = write_report({"history": [{"step": 0, **info}]}, tmp_path / "report")
-    assert "the smallest reachable plan was taken" in Path(files["markdown"]).read_text()

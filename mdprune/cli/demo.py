@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         train_dense(ckpt, args.train_limit, args.dense_epochs, args.seed)
     cfg = RunConfig(
         model="small_resnet18", checkpoint=str(ckpt), data="builtin", train_limit=args.train_limit,
-        val_limit=2000, budget=args.budget, schedule=PruneSchedule("oneshot", importance_batches=32),
+        val_limit=2000, constraints={"latency": args.budget}, schedule=PruneSchedule("oneshot", importance_batches=32),
         train=TrainConfig(epochs=args.finetune_epochs, batch_size=128, lr=0.02, warmup_epochs=0.1, seed=args.seed),
         latency={"device": "cpu", "threads": 1}, device="cpu", seed=args.seed)
     run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -84,12 +84,11 @@ def run(args: argparse.Namespace) -> int:
     files = write_report(result, run_dir / "report")
     print("\n=== mdprune demo ===")
     print(f"data: {spec.name}; model: small_resnet18 (width 0.25); budget {args.budget} of the dense latency")
-    print(f"latency (CPU, 1 thread, batch 1), measured side by side: dense {result['measured_dense_ms']:.3f} ms -> "
-          f"pruned {result['measured_ms']:.3f} ms ({result['speedup']:.2f}x); target {result['target_ms']:.3f} ms, "
-          f"predicted {result['predicted_ms']:.3f} ms")
-    print(f"accuracy: dense {100 * result['dense_accuracy']:.2f}% -> pruned + fine-tuned "
-          f"{100 * result['accuracy']:.2f}%")
-    print(f"params {result['params'][0]:,} -> {result['params'][1]:,}; blocks removed: "
-          f"{', '.join(result['removed_blocks']) or 'none'}")
+    print(f"latency (CPU, 1 thread, batch 1), measured side by side: dense {result.measured_dense_ms:.3f} ms -> "
+          f"pruned {result.measured_ms:.3f} ms ({result.speedup:.2f}x); target {result.target_ms:.3f} ms, "
+          f"predicted {result.predicted_ms:.3f} ms")
+    print(f"accuracy: dense {100 * result.dense_accuracy:.2f}% -> pruned + fine-tuned {100 * result.accuracy:.2f}%")
+    print(f"params {result.params[0]:,} -> {result.params[1]:,}; blocks removed: "
+          f"{', '.join(result.removed_blocks) or 'none'}")
     print(f"report: {files['markdown']}  ({time.monotonic() - t0:.0f} s in all)")
     return 0

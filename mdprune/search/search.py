@@ -58,7 +58,7 @@ class Search:
         budget = budget_ms if budget_ms is not None else self.targets.get("latency", 1e30)
         problem = build_problem(self.space, scores, self.model_at(current), budget, current=current,
                                 **self.options())
-        sol = solve(problem, time_limit=self.time_limit)
+        sol = solve(problem, time_limit=self.time_limit, threads=self.threads)
         return plan_from_solution(self.space, sol, scores, current), sol
 
     def smallest(self, resource: str = "latency", current: Plan | None = None) -> float:
@@ -77,5 +77,5 @@ class Search:
             if not r.satisfiable:
                 raise InfeasibleBudget(r.name, r.target, r.smallest, (
                     f"the {r.name} target {r.asked} is {r.target:.6g} {r.unit}, {100 * r.target / r.dense:.1f}% of "
-                    f"the dense {r.dense:.6g}; the smallest reachable is {r.smallest:.6g}, "
+                    f"the dense {r.dense:.6g} {r.unit}; the smallest reachable is {r.smallest:.6g} {r.unit}, "
                     f"{100 * r.smallest / r.dense:.1f}% of dense: raise it to at least that"))
