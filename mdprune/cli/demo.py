@@ -84,9 +84,11 @@ def run(args: argparse.Namespace) -> int:
     files = write_report(result, run_dir / "report")
     print("\n=== mdprune demo ===")
     print(f"data: {spec.name}; model: small_resnet18 (width 0.25); budget {args.budget} of the dense latency")
-    print(f"latency (CPU, 1 thread, batch 1), measured side by side: dense {result.measured_dense_ms:.3f} ms -> "
-          f"pruned {result.measured_ms:.3f} ms ({result.speedup:.2f}x); target {result.target_ms:.3f} ms, "
-          f"predicted {result.predicted_ms:.3f} ms")
+    low, high = result.measured_fraction_interval or (float("nan"), float("nan"))
+    print(f"latency (CPU, 1 thread, batch 1), timed alternately with the dense model: pruned "
+          f"{100 * result.measured_fraction:.1f}% of dense (95% interval {100 * low:.1f}-{100 * high:.1f}%) for a "
+          f"{args.budget} budget; dense {result.measured_dense_ms:.3f} ms -> pruned {result.measured_ms:.3f} ms "
+          f"({result.speedup:.2f}x); predicted {result.predicted_ms:.3f} ms for a target of {result.target_ms:.3f} ms")
     print(f"accuracy: dense {100 * result.dense_accuracy:.2f}% -> pruned + fine-tuned {100 * result.accuracy:.2f}%")
     print(f"params {result.params[0]:,} -> {result.params[1]:,}; blocks removed: "
           f"{', '.join(result.removed_blocks) or 'none'}")

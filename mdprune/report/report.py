@@ -77,13 +77,15 @@ def _summary(result: dict[str, Any]) -> list[str]:
     if speedup is None and measured and measured_dense is not None:
         speedup = measured_dense / measured
     measured_text = format_ms(measured)
-    if measured is not None:
+    if measured is not None and not result.get("measured_fraction_interval"):
         measured_text += f" ± {100 * noise:.1f}%" if noise is not None else ""
     dense_at_start_ms = number(result.get("dense_ms_calibration"))
     fractions = []
     if measured is not None and measured_dense and target and dense_at_start_ms:
-        got, goal = measured / measured_dense, target / dense_at_start_ms
-        measured_text += f" ({100 * got:.1f}% of the dense latency beside it; target {100 * goal:.1f}%)"
+        got, goal = number(result.get("measured_fraction")) or measured / measured_dense, target / dense_at_start_ms
+        interval = result.get("measured_fraction_interval")
+        between = f", 95% interval {100 * interval[0]:.1f}-{100 * interval[1]:.1f}%" if interval else ""
+        measured_text += f" ({100 * got:.1f}% of the dense latency beside it{between}; target {100 * goal:.1f}%)"
         fractions = [f"The budget is held as a fraction of the dense latency measured in the same run, not in "
                      f"absolute milliseconds (those drift between runs on a busy machine): the pruned model measured "
                      f"{100 * got:.1f}% of the dense model timed beside it, for a target of {100 * goal:.1f}%.", ""]

@@ -13,8 +13,10 @@ runs. Then, against the target fraction ``target_ms / dense_ms``:
 
 A correction scales the solver budget by the smallest model error (measured / predicted) the interval allows,
 never by more than the model's error range seen on this model: the calibration's error (``error_range``; 10%
-when unknown) or a larger error that an earlier check of this call showed significantly. So the solver budget
-stays within that range of the target, and a noisy measurement cannot push the plan far from it. The plan
+when unknown) or a larger error that a check of this call showed significantly (its interval's bound nearest the
+target, so noise never enlarges it). So the solver budget stays within that range of the target, and a noisy
+measurement cannot push the plan far from it; a model whose error grows as plans shrink is followed, one
+significant check at a time. The plan
 kept is, among the plans whose interval is not wholly above the target (not significantly over), the one whose
 measured fraction is nearest the target; if every plan is significantly over, the one measured smallest.
 """
@@ -107,7 +109,7 @@ def solve_within_measured_budget(
             over = c
         if side == "under" and (under is None or budget > under["budget_ms"]):
             under = c
-        cap = max([limit] + [_shown(x, dense_ms) for x in checks[:-1] if x["significant"]])  # seen so far
+        cap = max([limit] + [_shown(x, dense_ms) for x in checks if x["significant"]])  # seen so far, this one too
         nxt, c["capped"] = _corrected(c, side, target_ms, dense_ms, budget, (under, over), cap)
         capped = f" (capped at the model's error range seen, ±{100 * cap:.1f}% of the target)" if c["capped"] else ""
         if abs(nxt - budget) <= 0.005 * budget:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..apply import slim
 from ..apply.io import save
-from ..latency import measure_models
+from ..latency import measure_models_ratio
 from ..space import Plan
 from .loop import evaluate
 from .result import RunResult
@@ -26,12 +26,13 @@ def finish(run: PruneRun, state: dict[str, Any]) -> RunResult | None:
     plan = pruner.plan
     sizes, removed = plan.sizes(space), set(plan.removed)
     acc = evaluate(model, run.val_loader, run.d.device)
-    m = measure_models({"dense": slim(space, Plan()), "pruned": model}, space, run.settings)
+    # timed in alternating pairs with the dense model: the fraction and its interval, as the measured check does
+    m = measure_models_ratio(model, slim(space, Plan()), space, run.settings)
     report = pruner.report()
     result = RunResult.from_report(
         report, model=run.cfg.model, schedule=run.cfg.schedule.kind,
-        measured_dense_ms=m["dense"].ms, measured_ms=m["pruned"].ms,
-        measured_noise=max(m["dense"].noise, m["pruned"].noise), speedup=m["dense"].ms / m["pruned"].ms,
+        measured_dense_ms=m.b_ms, measured_ms=m.a_ms, measured_noise=(m.high - m.low) / (2 * m.ratio),
+        speedup=1.0 / m.ratio, measured_fraction=m.ratio, measured_fraction_interval=[m.low, m.high],
         dense_accuracy=state["dense_accuracy"], pruned_accuracy=state.get("pruned_accuracy"),
         accuracy=acc["accuracy"],
         widths={d.name: [sizes[d.name], d.size, d.kind, d.block] for d in space.prunable_dims()},
@@ -45,5 +46,6 @@ def finish(run: PruneRun, state: dict[str, Any]) -> RunResult | None:
     dense = f"{100 * result.dense_accuracy:.2f}%" if result.dense_accuracy is not None else "n/a"
     target = f"target {result.target_ms:.3f} ms" if result.target_ms is not None else "no latency target"
     run.log(f"done: {100 * result.accuracy:.2f}% accuracy (dense {dense}), {result.measured_ms:.3f} ms vs dense "
-            f"{result.measured_dense_ms:.3f} ms measured ({result.speedup:.2f}x), {target}")
+            f"{result.measured_dense_ms:.3f} ms measured ({100 * m.ratio:.1f}% of dense, 95% interval "
+            f"{100 * m.low:.1f}-{100 * m.high:.1f}%; {result.speedup:.2f}x), {target}")
     return result

@@ -126,6 +126,8 @@ class RunResult:
     measured_ms: float | None = None
     measured_noise: float | None = None
     speedup: float | None = None
+    measured_fraction: float | None = None  # pruned / dense: median of alternately timed pairs (see latency.ratio)
+    measured_fraction_interval: list[float] | None = None  # its 95% interval [low, high]
     dense_accuracy: float | None = None
     pruned_accuracy: float | None = None  # after slimming and BatchNorm recalibration, before fine-tuning
     accuracy: float | None = None  # final
