@@ -70,6 +70,21 @@ def check_exact(model: nn.Module, x: torch.Tensor, seeds: tuple[int, ...] = (1, 
     return space
 
 
+def fake_latency_model(space: mdprune.PruningSpace):
+    """A calibrated LatencyModel on a table of made-up entries (1e-3 x the product of the widths + 0.01 ms per
+    op, 0.1 ms fixed): deterministic, nothing measured."""
+    import numpy as np
+
+    from mdprune.latency import LatencyModel, LatencyTable, fingerprint
+
+    table = LatencyTable(fingerprint())
+    lm = LatencyModel(space, table)
+    for op, p in lm.needed():
+        table.put(op, p, 1e-3 * float(np.prod(p)) + 0.01, 0.0)
+    lm.calibrate(lm.ops_ms(space.dense_sizes()) + 0.1)
+    return lm
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give norms non-trivial statistics and affine parameters, so that masking errors would show."""
     g = torch.Generator().manual_seed(seed)

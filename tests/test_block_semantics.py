@@ -13,11 +13,10 @@ from torch import nn
 
 import mdprune
 from mdprune.importance import SHARE_PREFIX, estimate, probes, share_key
-from mdprune.latency import LatencyModel, LatencyTable, fingerprint
 from mdprune.search import build_problem, plan_from_solution
 from mdprune.solve import evaluate, solve
 
-from .conftest import randomize_norms
+from .conftest import fake_latency_model, randomize_norms
 
 
 class TinyResNet(nn.Module):
@@ -67,15 +66,6 @@ def _shares(space: mdprune.PruningSpace, model: nn.Module, batches, scores: dict
     return out
 
 
-def _latency(space: mdprune.PruningSpace) -> LatencyModel:
-    table = LatencyTable(fingerprint())
-    lm = LatencyModel(space, table)
-    for op, p in lm.needed():
-        table.put(op, p, 1e-3 * float(np.prod(p)) + 0.01, 0.0)
-    lm.calibrate(lm.ops_ms(space.dense_sizes()) + 0.1)
-    return lm
-
-
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
@@ -110,7 +100,7 @@ def test_a_removed_blocks_share_leaves_the_objective_exactly(setup):
     """For every configuration: the program's objective is the kept elements' scores minus the shares of the
     removed blocks on the elements the plan keeps (the highest-scoring ones), plus the kept blocks' values."""
     space, scores, shares, _ = setup
-    lm = _latency(space)
+    lm = fake_latency_model(space)
     plain = build_problem(space, scores, lm, 1e9)
     shared = build_problem(space, {**scores, **shares}, lm, 1e9)
     stage = next(d.name for d in space.prunable_dims() if d.block is None)
@@ -134,7 +124,7 @@ def test_a_removed_blocks_share_leaves_the_objective_exactly(setup):
 @pytest.mark.parametrize("fraction", [0.45, 0.6, 0.8])
 def test_the_solver_optimum_is_exact_and_its_plan_reads_back(setup, fraction):
     space, scores, shares, _ = setup
-    lm = _latency(space)
+    lm = fake_latency_model(space)
     budget = fraction * lm.predict(space.dense_sizes())
     problem = build_problem(space, {**scores, **shares}, lm, budget)
     auto, brute = solve(problem), solve(problem, method="brute")

@@ -14,32 +14,20 @@ import torch
 import mdprune
 from mdprune.latency import (
     FlopsBackend,
-    LatencyModel,
     LatencySettings,
-    LatencyTable,
     Measurement,
     RatioSettings,
     TimingSettings,
-    fingerprint,
     measure_models_ratio,
     measure_ratio,
 )
 from mdprune.latency.ratio import median_interval, sign_rank, sign_rank_min
 from mdprune.search import solve_plan, solve_within_measured_budget
 
-from .conftest import build
+from .conftest import build, fake_latency_model
 
 FLOPS = LatencySettings(grid_points=3, grid_points_3d=2, backend="flops",
                         timing=TimingSettings(warmup=1, reps=2, rounds=2, min_sample_ms=0.2))
-
-
-def _model(space: mdprune.PruningSpace) -> LatencyModel:
-    table = LatencyTable(fingerprint())
-    lm = LatencyModel(space, table)
-    for op, p in lm.needed():
-        table.put(op, p, 1e-3 * float(np.prod(p)) + 0.01, 0.0)
-    lm.calibrate(lm.ops_ms(space.dense_sizes()) + 0.1)
-    return lm
 
 
 def _noisy_pair(a_true: float, b_true: float, cv: float, seed: int, burst: float = 0.0, drift: float = 0.2):
@@ -71,7 +59,7 @@ def _as_measure(pair):
 
 def _setup():
     _, _, space = build("tiny_cnn")
-    lm = _model(space)
+    lm = fake_latency_model(space)
     g = torch.Generator().manual_seed(1)
     scores = {d.name: torch.rand(d.size, generator=g).double().numpy() for d in space.prunable_dims()}
     dense = lm.predict(space.dense_sizes())

@@ -174,7 +174,7 @@ class FlopsBackend:
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             out = module(*inputs)
-        elements = sum(x.numel() for x in inputs) + sum(t.numel() for t in _tensors(out))
+        elements = sum(x.numel() for x in inputs) + sum(t.numel() for t in tensors_in(out))
         ms = self.overhead_ms + self.ms_per_gflop * counter.get_total_flops() / 1e9 \
             + self.ms_per_melement * elements / 1e6
         return _Counted(ms)
@@ -194,13 +194,14 @@ class FlopsBackend:
         return out
 
 
-def _tensors(x: Any) -> list[torch.Tensor]:
+def tensors_in(x: Any) -> list[torch.Tensor]:
+    """Every tensor in ``x`` (a tensor, or lists, tuples and dicts of them, nested)."""
     if isinstance(x, torch.Tensor):
         return [x]
     if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
+        return [t for v in x for t in tensors_in(v)]
     if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
+        return [t for v in x.values() for t in tensors_in(v)]
     return []
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.registry import latency_op, latency_ops
+from .backends import tensors_in
 
 # The role order of each op kind: a table entry's key lists widths in this order. Convolutions, linear layers
 # and the kinds users register keep theirs (and their builders) with their layer kind (mdprune/layers).
@@ -187,17 +188,7 @@ def op_bytes(kind: str, fixed: dict[str, Any], widths: dict[str, int], batch: in
     try:
         with torch.no_grad():
             out = module(*inputs)
-        running = sum(t.numel() for t in _tensors(out)) * size
+        running = sum(t.numel() for t in tensors_in(out)) * size
     except Exception:  # noqa: BLE001 - an op that cannot run on meta: estimate its output by its inputs
         running = max((t.numel() for t in inputs), default=0) * size
     return held, running
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    return []
