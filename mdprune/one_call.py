@@ -78,8 +78,8 @@ def prune(
         importance: the importance criterion (see :class:`~mdprune.importance.ImportanceAccumulator`).
         time_limit: solver time limit in seconds (the best solution found and its gap are reported).
         measure: measure the slim model beside the dense one (needed for ``verify_rounds``).
-        verify_rounds: re-solves allowed, with a tighter solver budget, while the slim model's measured
-            latency misses the budget by more than 3% (see :mod:`mdprune.search.measured`).
+        verify_rounds: re-solves allowed at a corrected solver budget while the slim model's measured
+            fraction of the dense latency misses the budget significantly (see :mod:`mdprune.search.measured`).
         log: where the constraint table and the steps are written (default: printed).
 
     Returns:

@@ -195,7 +195,8 @@ def prune_detector(
         data: a function returning an iterable of ``(images, targets)`` batches in torchvision's format (a new
             pass each call): importance, the iterative schedule's training and BatchNorm recalibration.
         schedule: ``"oneshot"`` or ``"iterative"`` (``steps`` solves, ``every`` training batches before each).
-        verify_rounds: re-solves allowed while the measured latency misses the budget by more than 3%.
+        verify_rounds: re-solves allowed while the measured latency misses the budget significantly
+            (see :mod:`mdprune.search.measured`).
 
     Returns:
         The slim detector (fine-tune it with :func:`finetune`) and a :class:`DetectionPruneReport`.
