@@ -2,8 +2,8 @@
 
 Prunes two models, a CNN (small_resnet18) and a ViT (small_vit), to 10 latency budgets each (30% to 75% of the
 dense model's measured latency) with ``mdprune.prune`` and its measured check, then re-measures every result in
-a fresh process, timed alternately with the dense model (:func:`mdprune.latency.measure_models_ratio`: the median
-of per-pair latency ratios with its 95% interval). Writes each result's ``measured_over_target`` (the re-measured
+a fresh process, timed alternately with the dense model (:func:`mdprune.latency.measure_models_ratio`: the ratio
+of their 10% quantiles with its 95% interval). Writes each result's ``measured_over_target`` (the re-measured
 fraction of the dense latency over the budget's fraction, with its interval) to bench/results/budget.json.
 
 Targets: measured / target in [0.97, 1.03] for every budget on a quiet machine; with one core kept busy by

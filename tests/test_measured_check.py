@@ -21,11 +21,11 @@ from mdprune.latency import (
     measure_models_ratio,
     measure_ratio,
 )
-from mdprune.latency.ratio import median_interval, sign_rank, sign_rank_min
 from mdprune.search import solve_plan, solve_within_measured_budget
 
 from .conftest import build, fake_latency_model
 
+NO_CLOCK = RatioSettings(min_seconds=0.0)  # injected measurements: no wall-clock minimum
 FLOPS = LatencySettings(grid_points=3, grid_points_3d=2, backend="flops",
                         timing=TimingSettings(warmup=1, reps=2, rounds=2, min_sample_ms=0.2))
 
@@ -73,24 +73,21 @@ def _setup():
     return space, lm, dense, solve_at, budgets, plans
 
 
-def test_sign_test_ranks_are_the_exact_binomial_ones():
-    assert sign_rank_min(0.95) == 6 and sign_rank(5, 0.95) == 0 and sign_rank(6, 0.95) == 1
-    assert sign_rank(100, 0.95) == 40 and abs(sign_rank(400, 0.95) - 180) <= 1  # Conover's table; normal beyond 60
-    mid, lo, hi = median_interval([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], 0.95)
-    assert (mid, lo, hi) == (2.5, 0.0, 5.0)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_interval_narrows_with_pairs_and_covers_the_truth_despite_bursts(seed):
-    widths = []
-    for n in (10, 40, 160, 640):
-        r = measure_ratio(_noisy_pair(1.5, 3.0, 0.15, seed, burst=0.15), RatioSettings(tolerance=0.0, max_pairs=n))
-        assert r.rounds == n and not r.converged
-        assert r.low <= 0.5 <= r.high  # the true ratio; a mean of ratios would be dragged up by the bursts
-        widths.append(r.width)
-    assert all(a > b for a, b in zip(widths, widths[1:], strict=False))
-    r = measure_ratio(_noisy_pair(1.5, 3.0, 0.15, seed, burst=0.15), RatioSettings(tolerance=0.03, time_cap=1e9))
-    assert r.converged and r.width < 0.03 and r.low <= 0.5 <= r.high
+def test_the_interval_narrows_with_pairs_and_covers_the_truth_despite_bursts():
+    widths, covered = {}, 0
+    for seed in range(30):
+        for n in (40, 160, 640):
+            r = measure_ratio(_noisy_pair(1.5, 3.0, 0.15, seed, burst=0.15),
+                              RatioSettings(tolerance=0.0, max_pairs=n, min_seconds=0.0))
+            assert r.rounds == n and not r.converged
+            covered += r.low <= 0.5 <= r.high  # the true ratio; a mean of ratios would be dragged up by the bursts
+            widths.setdefault(n, []).append(r.width)
+    assert covered >= 0.88 * 90  # a 95% interval, a statistic of random draws: not every one covers
+    medians = [float(np.median(widths[n])) for n in (40, 160, 640)]
+    assert medians[0] > medians[1] > medians[2]
+    r = measure_ratio(_noisy_pair(1.5, 3.0, 0.15, 0, burst=0.15),
+                      RatioSettings(tolerance=0.08, time_cap=1e9, min_seconds=0.0))
+    assert r.converged and r.width < 0.08 and r.low <= 0.5 <= r.high
 
 
 def test_the_time_cap_stops_measuring_and_is_reported():
@@ -102,9 +99,9 @@ def test_the_time_cap_stops_measuring_and_is_reported():
 
     r = measure_ratio(pair, RatioSettings(tolerance=1e-6, time_cap=10.0), clock=lambda: now[0])
     assert r.rounds == 10 and not r.converged and r.seconds == 10.0 and r.low < r.ratio < r.high
-    # never before the fewest pairs an interval needs
+    # never before min_pairs
     now[0] = 0.0
-    assert measure_ratio(pair, RatioSettings(time_cap=0.0, min_pairs=1), clock=lambda: now[0]).rounds == 6
+    assert measure_ratio(pair, RatioSettings(time_cap=0.0), clock=lambda: now[0]).rounds == 8
 
 
 def test_a_deterministic_backend_gives_an_exact_ratio_at_once():
@@ -118,22 +115,30 @@ def test_a_deterministic_backend_gives_an_exact_ratio_at_once():
     assert r.ratio == pytest.approx(ms[0] / ms[1])
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_demo_scenario_no_longer_chases_noise(seed):
+def test_the_demo_scenario_no_longer_chases_noise():
     """``make demo`` on a busy host: dense 3.51, 2.99, 2.47 ms within seconds (about 15% per measurement), and a
     plan truly at its 50% budget. One measurement each made it re-solve twice and end at 38.9%; now the
-    interval contains the target and the first plan is kept, unsolved again."""
-    space, lm, dense, solve_at, budgets, plans = _setup()
-    target = 0.5 * dense
-    said = []
-    measure = _as_measure(_noisy_pair(0.5 * 3.0, 3.0, 0.15, seed, burst=0.1))
-    plan, _, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, rounds=2,
-                                                   log=said.append, measure=measure)
-    assert budgets == [target] and plan is plans[0] and len(checks) == 1
-    c = checks[0]
-    assert c["kept"] and not c["significant"] and c["correction"] == 1.0
-    assert c["fraction_low"] <= 0.5 <= c["fraction_high"] and c["converged"] and c["rounds"] > 100
-    assert "not distinguishable from the target" in said[0] and "interval" in said[0]
+    interval contains the target and the first plan is kept, unsolved again: in nearly every run (a 95%
+    interval), and no run ends far from the target."""
+    kept_first = 0
+    for seed in range(12):
+        space, lm, dense, solve_at, budgets, plans = _setup()
+        target = 0.5 * dense
+        said = []
+        measure = _as_measure(_noisy_pair(0.5 * 3.0, 3.0, 0.15, seed, burst=0.1))
+        plan, _, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, rounds=2,
+                                                       log=said.append, measure=measure, ratio=NO_CLOCK)
+        kept = next(c for c in checks if c["kept"])
+        assert kept["fraction_low"] <= 0.5 * 1.03 and kept["fraction_high"] >= 0.5 * 0.97
+        if len(checks) == 1:
+            kept_first += 1
+            c = checks[0]
+            assert budgets == [target] and plan is plans[0]
+            assert c["kept"] and not c["significant"] and c["correction"] == 1.0
+            assert c["fraction_low"] <= 0.5 and c["fraction_high"] >= 0.5 * 0.97  # within the tolerance
+            assert c["converged"] and c["rounds"] > 100
+            assert "not distinguishable from the target" in said[0] and "interval" in said[0]
+    assert kept_first >= 10
 
 
 def test_a_significant_miss_triggers_one_correction_by_the_error_shown():
@@ -152,7 +157,8 @@ def test_a_significant_miss_triggers_one_correction_by_the_error_shown():
 
     said = []
     plan, budget, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, rounds=1,
-                                                        log=said.append, measure=measure, error_range=0.1)
+                                                        log=said.append, measure=measure, error_range=0.1,
+                                                        ratio=NO_CLOCK)
     assert len(checks) == 2
     c = checks[0]
     assert c["significant"] and c["fraction_low"] > c["target_fraction"] and not c["capped"]
@@ -172,7 +178,7 @@ def test_no_correction_when_the_miss_is_not_significant():
     plan, _, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, log=said.append,
                                                    measure=measure, ratio=RatioSettings(time_cap=0.0))
     c = checks[0]
-    assert len(checks) == 1 and not c["significant"] and not c["converged"] and c["rounds"] == 6
+    assert len(checks) == 1 and not c["significant"] and not c["converged"] and c["rounds"] == 8
     assert c["fraction_low"] < 0.6 < c["fraction_high"] and "time cap" in said[0]
 
 
@@ -190,7 +196,7 @@ def test_the_kept_plan_is_the_admissible_one_nearest_the_target():
 
     seen: list[float] = []
     plan, _, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, rounds=3,
-                                                   measure=measure, error_range=1.0)
+                                                   measure=measure, error_range=1.0, ratio=NO_CLOCK)
     fractions = [round(c["fraction"], 6) for c in checks]
     assert fractions[:2] == [0.55, 0.8] and checks[0]["significant"] and checks[1]["significant"]
     kept = [i for i, c in enumerate(checks) if c["kept"]]

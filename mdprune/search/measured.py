@@ -41,7 +41,7 @@ DEFAULT_ERROR_RANGE = 0.10
 
 #: one line for reports: what the fractions of a measured check are
 COMPARED = ("Measured / dense: each plan's slim model and the dense model timed alternately in the same run; the "
-            "median of the per-pair latency ratios with its 95% interval, not absolute ms from different runs.")
+            "ratio of their 10% quantiles with its 95% interval, not absolute ms from different runs.")
 
 
 def solve_within_measured_budget(

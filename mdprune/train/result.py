@@ -20,7 +20,7 @@ class _CheckCore(TypedDict):
     predicted_ms: float
     measured_ms: float
     measured_dense_ms: float
-    fraction: float  # measured / measured dense: the median of the per-pair ratios
+    fraction: float  # measured / measured dense, same run: the ratio of their 10% quantiles
     target_fraction: float
     kept: float  # 1.0 for the plan kept
 
