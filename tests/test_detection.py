@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -198,3 +200,15 @@ def test_oneshot_prune_finishes(tiny_set, tmp_path) -> None:
     again = load_detector(tmp_path / "slim.pt")
     with torch.no_grad():
         same_detections(out, again(images)[0], 96)
+    # the run's report: mAP of each stage and the whole-detector latency figures, from the report as returned
+    from mdprune.report.detection import write_detection_report
+
+    maps = {"dense": {"map": 0.5, "map_50": 0.75}, "slim": {"map": 0.25, "map_50": 0.5}}
+    files = write_detection_report({"model": "ssdlite320_mobilenet_v3_large", "budget": "70%", "map": maps,
+                                    "prune": report.to_dict()}, tmp_path / "report")
+    md = files["markdown"].read_text()
+    assert "| Dense | 0.5000 | 0.7500 |" in md and "| After slimming | 0.2500 | 0.5000 |" in md
+    assert "After fine-tuning" not in md  # a stage not run is not made up
+    assert f"{report.target_ms:.3f} ms (70.0% of dense)" in md and "Fixed part" in md
+    assert "Measured / dense" in md and md.count("`") >= 2  # the check's table and the widths
+    assert json.loads(files["json"].read_text())["prune"]["target_ms"] == pytest.approx(report.target_ms)

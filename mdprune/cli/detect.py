@@ -119,6 +119,7 @@ def _prune(args: argparse.Namespace) -> int:
     from ..detection import finetune, prune_detector, save_detector
     from ..detection.data import loader
     from ..detection.metric import evaluate_map
+    from ..report.detection import write_detection_report
 
     train, val = _data(args)
     det = _detector(args, train.num_classes)
@@ -135,11 +136,14 @@ def _prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_detector(slim, out / "model.pt")
-    result = {"map": {"dense": before, "slim": after_slim, "finetuned": after}, "prune": report.to_dict()}
-    (out / "report.json").write_text(json.dumps(result, indent=1, default=str))
+    result = {"model": args.model, "budget": args.budget, "image_size": args.image_size, "batch": args.batch,
+              "schedule": args.schedule, "map": {"dense": before, "slim": after_slim, "finetuned": after},
+              "prune": report.to_dict()}
+    write_detection_report(result, out)
     print(report.summary())
     print(f"mAP@[.5:.95] dense {before['map']:.4f}, slim {after_slim['map']:.4f}, fine-tuned {after['map']:.4f} "
-          f"(mAP@.5 {before['map_50']:.4f} / {after_slim['map_50']:.4f} / {after['map_50']:.4f}); written to {out}")
+          f"(mAP@.5 {before['map_50']:.4f} / {after_slim['map_50']:.4f} / {after['map_50']:.4f}); written to {out} "
+          "(model.pt, report.md, report.json)")
     return 0
 
 
