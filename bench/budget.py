@@ -103,6 +103,7 @@ def run_model(name: str, shape: tuple[int, ...], budgets: list[float], spec: dic
                "check": {k: kept[k] for k in ("fraction", "fraction_low", "fraction_high", "rounds", "converged",
                                               "budget_ms", "predicted_ms")},
                "solves": len(report.checks), "corrections": [c["correction"] for c in report.checks],
+               "plan": report.plan,
                "seconds": time.monotonic() - t}
         rows.append(row)
         log(f"{name} at {100 * b:.0f}%: re-measured {100 * again['ratio']:.1f}% of dense "

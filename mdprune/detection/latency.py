@@ -11,7 +11,6 @@ take an (N, 3, H, W) tensor as a batch of images).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 
 from torch import nn
 
@@ -21,10 +20,12 @@ from ..latency import (
     LatencySettings,
     LatencyTable,
     Measurement,
+    RatioSettings,
     Validation,
     build,
     calibration_plans,
     measure_models,
+    measure_models_ratio,
 )
 from ..space import Plan, PruningSpace
 from .implant import implant
@@ -37,15 +38,6 @@ def measure_detectors(detector: nn.Module, space: PruningSpace, plans: dict[str,
                           progress=progress)
 
 
-def detector_measure(detector: nn.Module, space: PruningSpace, settings: LatencySettings
-                     ) -> Callable[[dict[str, nn.Module]], dict[str, Measurement]]:
-    """A ``measure`` for :func:`mdprune.search.solve_within_measured_budget`: slim cores, timed as whole
-    detectors."""
-    def measure(models: dict[str, nn.Module]) -> dict[str, Measurement]:
-        return measure_models({k: implant(detector, m, space) for k, m in models.items()}, space, settings)
-    return measure
-
-
 def calibrated_detector_model(detector: nn.Module, space: PruningSpace, table: LatencyTable,
                               settings: LatencySettings, mode: str = "table", references: bool = True,
                               progress: bool = False) -> tuple[LatencyModel, dict[str, float]]:
@@ -56,10 +48,16 @@ def calibrated_detector_model(detector: nn.Module, space: PruningSpace, table: L
     """
     build(space, table, settings, progress=progress, calibrate=False)
     refs = calibration_plans(space) if references else []
-    measured = measure_detectors(detector, space, {"dense": Plan.identity()} | {f"ref{i}": p for i, p in
-                                                                               enumerate(refs)}, settings, progress)
+    measured = measure_detectors(detector, space, {"dense": Plan.identity()}, settings, progress)
+    dense = implant(detector, slim(space, Plan.identity()), space)
+    # each reference timed alternately with the dense detector (a paired ratio): whole detectors are noisy
+    # enough that separate measurements can show a smaller plan as slower, and the fitted scale then collapses
+    # (every plan predicted at the dense latency: "nothing reachable")
+    fractions = [measure_models_ratio(implant(detector, slim(space, p), space), dense, space, settings,
+                                      RatioSettings(tolerance=0.03, min_seconds=5.0, time_cap=10.0)).ratio
+                 for p in refs]
     lm = LatencyModel(space, table, mode, settings.grid_points, settings.grid_points_3d)
-    lm.calibrate(measured["dense"].ms, [(p, measured[f"ref{i}"].ms) for i, p in enumerate(refs)])
+    lm.calibrate(measured["dense"].ms, [(p, f * measured["dense"].ms) for p, f in zip(refs, fractions, strict=True)])
     return lm, {"ms": measured["dense"].ms, "noise": measured["dense"].noise, "fixed_ms": lm.constant}
 
 

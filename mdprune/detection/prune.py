@@ -28,7 +28,8 @@ from ..latency import LatencySettings, LatencyTable, open_table
 from ..search import Search, check_budget, parse_budget, solve_within_measured_budget
 from ..space import Plan, PruningSpace
 from .core import analyze_detector, masked_detector, slim_detector
-from .latency import calibrated_detector_model, detector_measure
+from .implant import implant
+from .latency import calibrated_detector_model
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
@@ -241,7 +242,7 @@ def prune_detector(
 
     plan, _, checks = solve_within_measured_budget(space, lm, settings, solve_at, target, dense["ms"],
                                                    rounds=verify_rounds, log=say,
-                                                   measure=detector_measure(detector, space, settings))
+                                                   timed=lambda core: implant(detector, core, space))
     seconds["solve"] = time.monotonic() - t
     final = next(c for c in checks if c["kept"])
     pruned = slim_detector(space, plan, detector, trained)

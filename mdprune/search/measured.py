@@ -58,6 +58,7 @@ def solve_within_measured_budget(
     *,
     ratio: RatioSettings | None = None,
     error_range: float | None = None,
+    timed: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[Plan, Any, list[dict[str, Any]]]:
     """Solve at ``target_ms``, then re-solve at a corrected budget while the measured fraction of the dense
     latency misses ``target_ms / dense_ms`` significantly (see the module docstring).
@@ -73,6 +74,8 @@ def solve_within_measured_budget(
         ratio: when to stop measuring a plan (default: :class:`~mdprune.latency.RatioSettings` at ``tolerance``).
         error_range: the model's relative error range on this model (the calibration's); default: the model's
             ``calibration_error`` if it has one, else :data:`DEFAULT_ERROR_RANGE`.
+        timed: turns a slim model of ``space`` into what is timed (for a detector: the whole detector running
+            it); the dense model goes through it too. Default: the slim model itself.
 
     Returns:
         The plan kept, its ``solve_at`` result, and one record per check: ``budget_ms`` (solver budget),
@@ -93,7 +96,7 @@ def solve_within_measured_budget(
     over: dict[str, Any] | None = None  # the check at the tightest solver budget significantly over
     under: dict[str, Any] | None = None  # the check at the loosest solver budget significantly under
     for r in range(max(rounds, 0) + 1):
-        m = _measure(space, settings, dense, plan, rs, measure)
+        m = _measure(space, settings, dense, plan, rs, measure, timed)
         predicted = lm.predict_plan(plan)
         side = "over" if m.low > goal else "under" if m.high < goal * (1 - tolerance) else ""
         c = {"budget_ms": budget, "predicted_ms": predicted, "measured_ms": m.a_ms, "measured_dense_ms": m.b_ms,
@@ -134,10 +137,12 @@ def solve_within_measured_budget(
 
 
 def _measure(space: PruningSpace, settings: LatencySettings, dense: nn.Module, plan: Plan, rs: RatioSettings,
-             measure: Callable[[dict[str, nn.Module]], dict[str, Measurement]] | None) -> Ratio:
+             measure: Callable[[dict[str, nn.Module]], dict[str, Measurement]] | None,
+             timed: Callable[[nn.Module], nn.Module] | None = None) -> Ratio:
     pruned = slim(space, plan)
     if measure is None:
-        return measure_models_ratio(pruned, dense, space, settings, rs)
+        wrap = timed or (lambda m: m)
+        return measure_models_ratio(wrap(pruned), wrap(dense), space, settings, rs)
     models = {"dense": dense, "pruned": pruned}
 
     def pair(i: int) -> tuple[float, float]:
