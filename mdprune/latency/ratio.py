@@ -107,7 +107,7 @@ def measure_ratio(pair: Callable[[int], tuple[float, float]], settings: RatioSet
         elapsed = clock() - t0
         capped = n >= max(s.min_pairs, 2) and (elapsed >= s.time_cap or n >= s.max_pairs)
         if n >= next_check or capped:
-            next_check = max(n + 4, int(n * 1.1))  # the bootstrap is not free: look at the interval every 10%
+            next_check = max(n + 4, int(n * 1.1))  # the interval costs a pass over the pairs: every 10% more
             est = quantile_ratio_interval(la, lb, s)
             if est[2] - est[1] < s.tolerance and elapsed >= s.min_seconds:
                 break
@@ -115,13 +115,9 @@ def measure_ratio(pair: Callable[[int], tuple[float, float]], settings: RatioSet
             break
     assert est is not None
     mid, lo, hi = est
-    qa, qb = _quantile(np.asarray(la), s.quantile), _quantile(np.asarray(lb), s.quantile)
+    qa, qb = np.quantile(la, s.quantile), np.quantile(lb, s.quantile)
     return Ratio(math.exp(mid), math.exp(lo), math.exp(hi), math.exp(qa), math.exp(qb), len(la), clock() - t0,
                  hi - lo < s.tolerance, s.confidence)
-
-
-def _quantile(x: np.ndarray, q: float, axis: int = -1) -> np.ndarray:
-    return np.quantile(x, q, axis=axis)
 
 
 def quantile_ratio_interval(log_a: list[float], log_b: list[float], settings: RatioSettings
@@ -134,12 +130,12 @@ def quantile_ratio_interval(log_a: list[float], log_b: list[float], settings: Ra
     independent (batch means; blocks of one pair under 8 pairs)."""
     a, b = np.asarray(log_a), np.asarray(log_b)
     n, q = len(a), settings.quantile
-    mid = float(_quantile(a, q) - _quantile(b, q))
+    mid = float(np.quantile(a, q) - np.quantile(b, q))
     k = n if n < 8 else min(20, max(4, n // 16))
     if k < 2:
         return mid, -math.inf, math.inf
     edges = np.linspace(0, n, k + 1).round().astype(int)
-    per = np.array([_quantile(a[i:j], q) - _quantile(b[i:j], q) for i, j in zip(edges, edges[1:], strict=False)])
+    per = np.array([np.quantile(a[i:j], q) - np.quantile(b[i:j], q) for i, j in zip(edges, edges[1:], strict=False)])
     half = _t_quantile(1 - (1 - settings.confidence) / 2, k - 1) * float(per.std(ddof=1)) / math.sqrt(k)
     return mid, mid - half, mid + half
 
