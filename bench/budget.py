@@ -10,7 +10,9 @@ Targets: measured / target in [0.97, 1.03] for every budget on a quiet machine; 
 another process (``--busy``), every result's interval reaching the target, and none below 0.90.
 
 Run it alone on the machine: ``python bench/budget.py`` (``--busy`` to load one core meanwhile; ``--quick`` for a
-smoke run: 2 budgets, small tables, short time caps; ``--backend flops`` to run without a clock).
+smoke run: 2 budgets, small tables, short time caps; ``--backend flops`` to run without a clock). ``--spread 0.35 0.5``
+instead re-measures the kept plans at those budgets several times, in the pruning process and in fresh ones, to
+tell a process effect from the spread between measurements (bench/results/budget-spread.json).
 """
 
 from __future__ import annotations
@@ -114,6 +116,35 @@ def run_model(name: str, shape: tuple[int, ...], budgets: list[float], spec: dic
     return rows
 
 
+def spread(name: str, shape: tuple[int, ...], budgets: list[float], spec: dict[str, Any], ratio: dict[str, Any],
+           lut: Path, repeats: int) -> list[dict[str, Any]]:
+    """Is a re-measurement's miss a property of the process or of the time it ran? Each budget's kept plan is
+    measured ``repeats`` times in the pruning process and ``repeats`` times in fresh processes, alternately."""
+    model, x, space = model_and_space(name, shape)
+    scores = scores_of(model, space, shape)
+    settings = settings_of(spec)
+    rows = []
+    for b in budgets:
+        _, report = mdprune.prune(model, x, f"{100 * b:g}%", scores=scores, lut=lut, settings=settings, space=space)
+        kept = next(c for c in report.checks if c["kept"])
+        job = {"model": name, "shape": list(shape), "plan": report.plan, "settings": spec, "ratio": ratio}
+        here, fresh = [], []
+        for _ in range(repeats):
+            here.append(remeasure(job)["ratio"])
+            fresh.append(remeasure_in_fresh_process(job)["ratio"])
+        both = here + fresh
+        mean = sum(both) / len(both)
+        sd = (sum((v - mean) ** 2 for v in both) / (len(both) - 1)) ** 0.5
+        rows.append({"model": name, "budget": b, "check": kept["fraction"], "check_low": kept["fraction_low"],
+                     "check_high": kept["fraction_high"], "in_process": here, "fresh_process": fresh,
+                     "mean": mean, "sd_relative": sd / mean, "check_over_mean": kept["fraction"] / mean})
+        def pct(vs: list[float]) -> str:
+            return ", ".join(f"{100 * v:.1f}" for v in vs)
+        log(f"{name} at {100 * b:.0f}%: check {100 * kept['fraction']:.1f}%; again in this process {pct(here)}%; "
+            f"in fresh processes {pct(fresh)}% (sd {100 * sd / mean:.1f}% of the mean)")
+    return rows
+
+
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for name in dict.fromkeys(r["model"] for r in rows):
@@ -141,9 +172,14 @@ def main() -> None:
     ap.add_argument("--busy", action="store_true", help="keep one core busy with another process meanwhile")
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--lut", type=Path, default=LUT)
-    ap.add_argument("--out", type=Path, default=RESULTS / "budget.json")
+    ap.add_argument("--out", type=Path, help="default: bench/results/budget.json (budget-busy.json with --busy)")
+    ap.add_argument("--spread", nargs="*", type=float, metavar="BUDGET",
+                    help="instead: re-measure the kept plans at these budgets (fractions) repeatedly, in this process "
+                         "and in fresh ones, to bench/results/budget-spread.json")
+    ap.add_argument("--repeats", type=int, default=4, help="with --spread: measurements per process kind")
     ap.add_argument("--remeasure", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.out = args.out or RESULTS / ("budget-busy.json" if args.busy else "budget.json")
     if args.remeasure is not None:
         print(json.dumps(remeasure(json.loads(args.remeasure.read_text()))))
         return
@@ -151,6 +187,14 @@ def main() -> None:
     spec = {"device": "cpu", "batch": 1, "threads": 1, "dtype": "float32", "backend": args.backend,
             "grid_points": 4 if args.quick else 16}
     ratio = {"tolerance": 0.02, "time_cap": 5.0 if args.quick else 30.0}
+    if args.spread:
+        out = [r for name in args.models
+               for r in spread(name, MODELS[name], args.spread, spec, ratio, args.lut, args.repeats)]
+        path = args.out.with_name("budget-spread.json")
+        path.write_text(json.dumps({"meta": {"settings": spec, "remeasure": ratio, "loadavg": os.getloadavg()},
+                                    "results": out}, indent=1))
+        log(f"wrote {path}")
+        return
     busy = busy_core() if args.busy else None
     t0 = time.monotonic()
     rows: list[dict[str, Any]] = []

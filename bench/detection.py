@@ -7,20 +7,24 @@ Debian package is missing, pasted on canvases; mdprune.detection.data.GeneratedD
   measured latency) and uniform channel pruning (the same fraction of every prunable dimension, the
   highest-importance channels kept) at the ratio whose *measured* end-to-end latency matches MDP's measured
   latency (bisection, each candidate measured against the dense detector in one run);
-- both get the same BatchNorm recalibration and fine-tuning recipe; mAP@[.5:.95] and mAP@.5 (pycocotools via
+- both get the same BatchNorm recalibration and fine-tuning recipe (``--ft-seeds N``: N times each, with other
+  data orders, for the spread of mAP); mAP@[.5:.95] and mAP@.5 (pycocotools via
   torchmetrics) on the validation draw, and the end-to-end latency of MDP and of uniform each timed alternately
   with the dense detector (a ratio with its interval, as the bisection's steps are).
 Targets: MDP's mAP at or above uniform's at every budget; MDP's measured latency within 3% of each budget.
 Prints a table and writes bench/results/detection.json.
 
 Run it alone on the machine: ``python bench/detection.py`` (``--smoke`` for a seconds-long dry run on the flops
-latency backend, which checks the plumbing only).
+latency backend, which checks the plumbing only; ``--floor 128 256 320`` for the lowest latency any plan reaches
+at those image sizes: the part the tables do not see sets it).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +94,53 @@ def uniform_at(dense, space, scores, fraction: float, settings, iters: int) -> t
     return best
 
 
+def finetuned_maps(model, train, args, val_batches) -> tuple[torch.nn.Module, list[dict]]:  # noqa: ANN001
+    """``model`` fine-tuned alike once per fine-tuning seed (``--ft-seeds``: the data order and the random state
+    differ), each copy's mAP; returns the first seed's model and every seed's mAP."""
+    maps, first = [], None
+    for k in range(args.ft_seeds):
+        torch.manual_seed(args.seed + 1000 * k)
+        tuned = model if k == args.ft_seeds - 1 else copy.deepcopy(model)
+        data = loader(train, args.batch_size, shuffle=True, seed=args.seed + 1000 * k)
+        finetune(tuned, data, args.ft_epochs, args.lr, max_batches=args.max_batches)
+        maps.append(evaluate_map(tuned, val_batches()))
+        if first is None:
+            first = tuned
+    assert first is not None
+    return first, maps
+
+
+def with_spread(row: dict, name: str, maps: list[dict]) -> None:
+    """``row[name + '_map']``: the first fine-tuning seed's mAP; with several seeds, each seed's mAP@[.5:.95],
+    their mean and spread too."""
+    row[f"{name}_map"] = maps[0]
+    values = [m["map"] for m in maps]
+    row[f"{name}_map_seeds"] = values
+    row[f"{name}_map_mean"] = statistics.fmean(values)
+    row[f"{name}_map_std"] = statistics.pstdev(values)
+
+
+def floor(args: argparse.Namespace) -> dict:
+    """How low can a plan take the whole detector, per image size? The smallest plan (every prunable dimension at
+    its smallest width, every removable block removed) timed alternately with the dense detector (random
+    weights: latency does not depend on them)."""
+    torch.set_num_threads(args.threads)
+    settings = settings_for(args)
+    rows = []
+    for size in args.floor:
+        torch.manual_seed(args.seed)
+        dense = create_detector(args.model, num_classes=args.classes + 1, image_size=size, score_thresh=0.01).eval()
+        space = analyze_detector(dense, torch.randn(1, 3, size, size))
+        smallest = Plan.from_sizes(space, {d.name: min(d.widths()) for d in space.prunable_dims()},
+                                   removed=[b.name for b in space.removable_blocks()])
+        r = measure_models_ratio(slim_detector(space, smallest, dense), dense, space, settings, FINAL)
+        rows.append({"image_size": size, "dense_ms": r.b_ms, "smallest_ms": r.a_ms, "floor": r.ratio,
+                     "interval": [r.low, r.high]})
+        print(f"{size} px: dense {r.b_ms:.2f} ms, smallest plan {r.a_ms:.2f} ms: the floor is {100 * r.ratio:.1f}% "
+              f"[{100 * r.low:.1f}-{100 * r.high:.1f}] of dense")
+    return {"model": args.model, "batch": args.batch, "threads": args.threads, "rows": rows}
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -129,28 +180,31 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{budget}%: unreachable: {e}")
             continue
         row["mdp_map_slim"] = evaluate_map(slim, val_batches())
-        finetune(slim, data, args.ft_epochs, args.lr, max_batches=args.max_batches)
-        row["mdp_map"] = evaluate_map(slim, val_batches())
+        slim, maps = finetuned_maps(slim, train, args, val_batches)
+        with_spread(row, "mdp", maps)
         fraction = report.measured_ms / report.measured_dense_ms
         plan, ratio, f = uniform_at(dense, space, scores, fraction, settings, args.bisect)
         uni = slim_detector(space, plan, dense)
         recalibrate_bn(uni, data(), args.importance_batches)
         row["uniform_ratio"], row["uniform_fraction_bisect"] = ratio, f
         row["uniform_map_slim"] = evaluate_map(uni, val_batches())
-        finetune(uni, data, args.ft_epochs, args.lr, max_batches=args.max_batches)
-        row["uniform_map"] = evaluate_map(uni, val_batches())
+        uni, maps = finetuned_maps(uni, train, args, val_batches)
+        with_spread(row, "uniform", maps)
         for name, model in (("mdp", slim), ("uniform", uni)):
             r = measured_fraction(dense, model, space, settings, FINAL)
             row[f"{name}_fraction"], row[f"{name}_interval"] = r.ratio, [r.low, r.high]
             row[f"{name}_ms"], row["dense_ms"] = r.a_ms, r.b_ms
         row["mdp_within_3pct"] = row["mdp_fraction"] <= row["budget"] * 1.03
-        row["mdp_map_ge_uniform"] = row["mdp_map"]["map"] >= row["uniform_map"]["map"]
+        row["mdp_map_ge_uniform"] = row["mdp_map_mean"] >= row["uniform_map_mean"]
         row["fixed_ms"], row["predicted_ms"] = report.fixed_ms, report.predicted_ms
         rows.append(row)
-        print(f"{budget}%: MDP mAP {row['mdp_map']['map']:.4f} at {100 * row['mdp_fraction']:.1f}% | uniform mAP "
-              f"{row['uniform_map']['map']:.4f} at {100 * row['uniform_fraction']:.1f}%")
+        print(f"{budget}%: MDP mAP {row['mdp_map_mean']:.4f} +- {row['mdp_map_std']:.4f} at "
+              f"{100 * row['mdp_fraction']:.1f}% | uniform mAP {row['uniform_map_mean']:.4f} +- "
+              f"{row['uniform_map_std']:.4f} at {100 * row['uniform_fraction']:.1f}% "
+              f"({args.ft_seeds} fine-tuning seeds)")
     out = {"model": args.model, "image_size": size, "batch": args.batch, "data": train.source,
-           "train": args.train, "val": args.val, "dense_map": dense_map, "rows": rows, "smoke": args.smoke,
+           "train": args.train, "val": args.val, "ft_seeds": args.ft_seeds, "dense_map": dense_map, "rows": rows,
+           "smoke": args.smoke,
            "seconds": time.monotonic() - t0}
     print(f"{'budget':>6} {'MDP mAP':>8} {'MDP mAP50':>9} {'MDP lat':>8} {'uni mAP':>8} {'uni mAP50':>9} "
           f"{'uni lat':>8}")
@@ -158,8 +212,8 @@ def run(args: argparse.Namespace) -> dict:
         if "unreachable" in r:
             print(f"{100 * r['budget']:5.0f}% unreachable")
             continue
-        print(f"{100 * r['budget']:5.0f}% {r['mdp_map']['map']:8.4f} {r['mdp_map']['map_50']:9.4f} "
-              f"{100 * r['mdp_fraction']:7.1f}% {r['uniform_map']['map']:8.4f} {r['uniform_map']['map_50']:9.4f} "
+        print(f"{100 * r['budget']:5.0f}% {r['mdp_map_mean']:8.4f} {r['mdp_map']['map_50']:9.4f} "
+              f"{100 * r['mdp_fraction']:7.1f}% {r['uniform_map_mean']:8.4f} {r['uniform_map']['map_50']:9.4f} "
               f"{100 * r['uniform_fraction']:7.1f}%")
     return out
 
@@ -176,6 +230,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dense-epochs", type=int, default=30)
     p.add_argument("--ft-epochs", type=int, default=5)
+    p.add_argument("--ft-seeds", type=int, default=1,
+                   help="fine-tune each pruned detector this many times (data order, random state) for the spread")
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--max-batches", type=int, default=None, help="batches per epoch (default: all)")
     p.add_argument("--importance-batches", type=int, default=16)
@@ -184,7 +240,14 @@ def main() -> None:
     p.add_argument("--lut", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, flops latency: the plumbing only")
+    p.add_argument("--floor", type=int, nargs="*", metavar="SIZE",
+                   help="instead: the lowest latency any plan reaches, as a fraction of dense, at these image sizes "
+                        "(bench/results/detection-floor.json)")
     args = p.parse_args()
+    if args.floor:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "detection-floor.json").write_text(json.dumps(floor(args), indent=1))
+        return
     if args.smoke:
         args.train, args.val, args.batch_size, args.dense_epochs, args.ft_epochs = 16, 8, 4, 1, 1
         args.max_batches, args.importance_batches, args.bisect, args.budgets = 2, 1, 2, [50]

@@ -311,3 +311,36 @@ def test_flops_backend_measures_deterministically_without_a_clock(tmp_path):
     assert 0 < small < dense  # counts shrink with the widths
     with pytest.raises(TypeError, match="only the runners it made"):
         FlopsBackend().measure({"x": lambda: None}, settings.timing)
+
+
+def test_calibration_times_references_against_dense_in_pairs(monkeypatch):
+    """Reference plans are timed as paired ratios against the dense model: separate measurements that read every
+    model as slow as the dense one (a loaded machine) must not reach the fit."""
+    import mdprune.search.calibrate as calibrate
+    from mdprune.latency import Measurement, Ratio, calibration_plans
+
+    _, _, space = build_model("tiny_cnn")
+    table = fake_table(space, bilinear)
+    raw = LatencyModel(space, table)
+    raw.calibrate(1.0)
+
+    def truth(plan: Plan) -> float:  # what the machine would measure when quiet: linear in the table's sum
+        return 2.0 * (raw.predict_plan(plan) - raw.constant) / raw.scale + 1.0
+
+    def separate(models, *a, **k):  # a loaded machine: every model measured alone reads the dense latency
+        return {k: Measurement(ms=truth(Plan()), noise=0.01) for k in models}
+
+    def paired(a, b, *args, **kw):
+        ratio = truth(paired.plans.pop(0)) / truth(Plan())
+        return Ratio(ratio, ratio, ratio, ratio, 1.0, 16, 0.0, True, 0.95)
+
+    refs = calibration_plans(space)
+    paired.plans = list(refs)
+    monkeypatch.setattr(calibrate, "measure_models", separate)
+    monkeypatch.setattr(calibrate, "measure_models_ratio", paired)
+    lm, dense = calibrate.calibrated_model(space, table, fast_settings(backend="flops"))
+    assert not paired.plans  # every reference was timed in pairs
+    assert dense["ms"] == pytest.approx(truth(Plan()))
+    assert min(truth(p) for p in refs) < 0.8 * truth(Plan())  # the references are well apart from dense
+    for p in refs:  # interpolation between grid points leaves a little error
+        assert lm.predict_plan(p) == pytest.approx(truth(p), rel=0.05)

@@ -20,13 +20,12 @@ from ..latency import (
     LatencySettings,
     LatencyTable,
     Measurement,
-    RatioSettings,
     Validation,
     build,
     calibration_plans,
     measure_models,
-    measure_models_ratio,
 )
+from ..search.calibrate import reference_fractions
 from ..space import Plan, PruningSpace
 from .implant import implant
 
@@ -49,13 +48,9 @@ def calibrated_detector_model(detector: nn.Module, space: PruningSpace, table: L
     build(space, table, settings, progress=progress, calibrate=False)
     refs = calibration_plans(space) if references else []
     measured = measure_detectors(detector, space, {"dense": Plan.identity()}, settings, progress)
-    dense = implant(detector, slim(space, Plan.identity()), space)
-    # each reference timed alternately with the dense detector (a paired ratio): whole detectors are noisy
-    # enough that separate measurements can show a smaller plan as slower, and the fitted scale then collapses
-    # (every plan predicted at the dense latency: "nothing reachable")
-    fractions = [measure_models_ratio(implant(detector, slim(space, p), space), dense, space, settings,
-                                      RatioSettings(tolerance=0.03, min_seconds=5.0, time_cap=10.0)).ratio
-                 for p in refs]
+    # each reference timed alternately with the dense detector: separate measurements of whole detectors could
+    # show a smaller plan as slower, and the fitted scale collapsed ("nothing reachable")
+    fractions = reference_fractions(space, settings, refs, timed=lambda core: implant(detector, core, space))
     lm = LatencyModel(space, table, mode, settings.grid_points, settings.grid_points_3d)
     lm.calibrate(measured["dense"].ms, [(p, f * measured["dense"].ms) for p, f in zip(refs, fractions, strict=True)])
     return lm, {"ms": measured["dense"].ms, "noise": measured["dense"].noise, "fixed_ms": lm.constant}
