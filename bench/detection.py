@@ -16,7 +16,8 @@ Prints a table and writes bench/results/detection.json.
 
 Run it alone on the machine: ``python bench/detection.py`` (``--smoke`` for a seconds-long dry run on the flops
 latency backend, which checks the plumbing only; ``--floor 128 256 320`` for the lowest latency any plan reaches
-at those image sizes: the part the tables do not see sets it).
+at those image sizes: the part the tables do not see sets it; with ``--fit``, the floor the calibrated latency
+model predicts too).
 """
 
 from __future__ import annotations
@@ -44,7 +45,18 @@ from mdprune.detection import (
     slim_detector,
 )
 from mdprune.detection import detection_loader as loader
-from mdprune.latency import LatencySettings, RatioSettings, TimingSettings, measure_models_ratio
+from mdprune.detection.implant import implant
+from mdprune.latency import (
+    LatencyModel,
+    LatencySettings,
+    RatioSettings,
+    TimingSettings,
+    build,
+    calibration_plans,
+    measure_models_ratio,
+    open_table,
+)
+from mdprune.search.calibrate import reference_fractions
 from mdprune.solve import InfeasibleBudget
 
 RESULTS = Path(__file__).parent / "results"
@@ -131,14 +143,32 @@ def floor(args: argparse.Namespace) -> dict:
         torch.manual_seed(args.seed)
         dense = create_detector(args.model, num_classes=args.classes + 1, image_size=size, score_thresh=0.01).eval()
         space = analyze_detector(dense, torch.randn(1, 3, size, size))
-        smallest = Plan.from_sizes(space, {d.name: min(d.widths()) for d in space.prunable_dims()},
-                                   removed=[b.name for b in space.removable_blocks()])
-        r = measure_models_ratio(slim_detector(space, smallest, dense), dense, space, settings, FINAL)
+        r = measure_models_ratio(slim_detector(space, Plan.smallest(space), dense), dense, space, settings, FINAL)
         rows.append({"image_size": size, "dense_ms": r.b_ms, "smallest_ms": r.a_ms, "floor": r.ratio,
                      "interval": [r.low, r.high]})
         print(f"{size} px: dense {r.b_ms:.2f} ms, smallest plan {r.a_ms:.2f} ms: the floor is {100 * r.ratio:.1f}% "
               f"[{100 * r.low:.1f}-{100 * r.high:.1f}] of dense")
+        if args.fit:
+            rows[-1] |= floor_fit(dense, space, settings, args.lut or tempfile.mkdtemp(prefix="mdprune-det-lut-"))
     return {"model": args.model, "batch": args.batch, "threads": args.threads, "rows": rows}
+
+
+def floor_fit(dense: torch.nn.Module, space, settings: LatencySettings, lut: str) -> dict:  # noqa: ANN001
+    """The floor the calibrated latency model predicts (what the solver takes as the smallest reachable) when
+    fitted on the middle references alone and with the smallest plan among them, against the measured floor."""
+    table = open_table(settings, lut)
+    build(space, table, settings, progress=True, calibrate=False)
+    refs = calibration_plans(space, smallest=True)
+    fractions = reference_fractions(space, settings, refs, timed=lambda core: implant(dense, core, space))
+    out = {"reference_fractions": fractions}
+    for name, k in (("mid_references", len(refs) - 1), ("with_smallest", len(refs))):
+        lm = LatencyModel(space, table, "table", settings.grid_points, settings.grid_points_3d)
+        lm.calibrate(1.0, list(zip(refs[:k], fractions[:k], strict=True)))
+        out[f"predicted_floor_{name}"] = lm.predict_plan(refs[-1])
+        out[f"fixed_part_{name}"] = lm.constant
+        print(f"  calibrated on {name.replace('_', ' ')}: fixed part {100 * lm.constant:.1f}%, predicted floor "
+              f"{100 * lm.predict_plan(refs[-1]):.1f}% (measured {100 * fractions[-1]:.1f}% in the fit's own run)")
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -243,10 +273,15 @@ def main() -> None:
     p.add_argument("--floor", type=int, nargs="*", metavar="SIZE",
                    help="instead: the lowest latency any plan reaches, as a fraction of dense, at these image sizes "
                         "(bench/results/detection-floor.json)")
+    p.add_argument("--fit", action="store_true",
+                   help="with --floor: also build a table and give the floor the calibrated latency model predicts, "
+                        "fitted with and without the smallest plan among its references "
+                        "(bench/results/detection-floor-fit.json)")
     args = p.parse_args()
     if args.floor:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "detection-floor.json").write_text(json.dumps(floor(args), indent=1))
+        name = "detection-floor-fit.json" if args.fit else "detection-floor.json"
+        (RESULTS / name).write_text(json.dumps(floor(args), indent=1))
         return
     if args.smoke:
         args.train, args.val, args.batch_size, args.dense_epochs, args.ft_epochs = 16, 8, 4, 1, 1

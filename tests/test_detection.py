@@ -212,3 +212,41 @@ def test_oneshot_prune_finishes(tiny_set, tmp_path) -> None:
     assert f"{report.target_ms:.3f} ms (70.0% of dense)" in md and "Fixed part" in md
     assert "Measured / dense" in md and md.count("`") >= 2  # the check's table and the widths
     assert json.loads(files["json"].read_text())["prune"]["target_ms"] == pytest.approx(report.target_ms)
+
+
+def test_detector_calibration_reaches_the_floor(monkeypatch, tmp_path) -> None:
+    """The whole detector's latency model is calibrated with the smallest plan among its references: fitted on
+    the middle of the range alone, a latency that falls faster near the floor (here: a fixed part plus the
+    square root of the core's table sum) put the predicted floor far above the measured one, and the solver
+    refused budgets the detector could reach."""
+    import mdprune.detection.latency as det_latency
+    from mdprune.latency import LatencyModel, Measurement, open_table
+
+    det, x = build("ssdlite320_mobilenet_v3_large", 96)
+    space = analyze_detector(det, x)
+    settings = fast_settings()
+    table = open_table(settings, tmp_path)
+    raw = LatencyModel(space, table, "table", settings.grid_points, settings.grid_points_3d)
+
+    def truth(plan: mdprune.Plan) -> float:  # ms; the dense detector: 3 ms, a third of it the fixed part
+        return 1.0 + 2.0 * (raw.ops_ms(plan.sizes(space), set(plan.removed)) / raw.ops_ms(space.dense_sizes())) ** 0.5
+
+    seen = []
+
+    def fractions(space_, settings_, plans, timed=None):  # noqa: ARG001
+        seen.extend(plans)
+        return [truth(p) / truth(mdprune.Plan()) for p in plans]
+
+    monkeypatch.setattr(det_latency, "measure_detectors",
+                        lambda *a, **k: {"dense": Measurement(ms=truth(mdprune.Plan()), noise=0.01)})
+    monkeypatch.setattr(det_latency, "reference_fractions", fractions)
+    lm, dense = det_latency.calibrated_detector_model(det, space, table, settings)
+    smallest = mdprune.Plan.smallest(space)
+    assert any(p.removed == smallest.removed and p.keep == smallest.keep for p in seen)
+    assert dense["ms"] == pytest.approx(3.0) and 0 <= dense["fixed_ms"] < truth(smallest)
+    mid = LatencyModel(space, table, "table", settings.grid_points, settings.grid_points_3d)
+    mid.calibrate(3.0, [(p, truth(p)) for p in seen[:-1]])
+    floor_error = abs(lm.predict_plan(smallest) / truth(smallest) - 1)
+    print(f"floor {truth(smallest):.3f} ms: predicted {lm.predict_plan(smallest):.3f} ms, "
+          f"{mid.predict_plan(smallest):.3f} ms without it")
+    assert floor_error < 0.5 * abs(mid.predict_plan(smallest) / truth(smallest) - 1)

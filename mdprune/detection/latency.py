@@ -46,7 +46,10 @@ def calibrated_detector_model(detector: nn.Module, space: PruningSpace, table: L
     it the tables do not see (the model's constant: transform, post-processing, ...)}``.
     """
     build(space, table, settings, progress=progress, calibrate=False)
-    refs = calibration_plans(space) if references else []
+    # the floor among the references: fitted on the middle of the range alone, the line through them predicted
+    # ssdlite320's floor at 128 px at 54.9% of dense where the smallest plan measured 51.6%; with it, 52.2%
+    # (bench/results/detection-floor-fit.json)
+    refs = calibration_plans(space, smallest=True) if references else []
     measured = measure_detectors(detector, space, {"dense": Plan.identity()}, settings, progress)
     # each reference timed alternately with the dense detector: separate measurements of whole detectors could
     # show a smaller plan as slower, and the fitted scale collapsed ("nothing reachable")
@@ -62,7 +65,7 @@ def validate_detector(detector: nn.Module, space: PruningSpace, table: LatencyTa
     figures of :func:`mdprune.latency.validate` (each detector measured twice, models calibrated on the dense
     detector and reference plans of the same run, never on the plans checked)."""
     build(space, table, settings, progress=progress, calibrate=False)
-    references = calibration_plans(space)
+    references = calibration_plans(space, smallest=True)
     named = {"dense": Plan.identity()} | {f"ref{i}": p for i, p in enumerate(references)} \
         | {f"plan{i}": p for i, p in enumerate(plans)}
     dets = {k: implant(detector, slim(space, p), space) for k, p in named.items()}

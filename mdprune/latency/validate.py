@@ -41,9 +41,11 @@ def random_plans(space: PruningSpace, n: int, seed: int = 0, block_prob: float =
     return [Plan.random(space, seed=seed + i, block_prob=block_prob) for i in range(n)]
 
 
-def calibration_plans(space: PruningSpace, seed: int = 10_000) -> list[Plan]:
-    """Plans measured to calibrate a latency model: half width everywhere, and two random plans."""
-    return [Plan.uniform(space, 0.5), *random_plans(space, 2, seed=seed)]
+def calibration_plans(space: PruningSpace, seed: int = 10_000, smallest: bool = False) -> list[Plan]:
+    """Plans measured to calibrate a latency model: half width everywhere, and two random plans; with
+    ``smallest``, the floor too (:meth:`Plan.smallest`), where budgets near it are asked for and a fit on the
+    middle of the range would extrapolate to it (a detector, whose fixed part is a large share)."""
+    return [Plan.uniform(space, 0.5), *random_plans(space, 2, seed=seed)] + ([Plan.smallest(space)] if smallest else [])
 
 
 def validate(space: PruningSpace, table: LatencyTable, settings: LatencySettings, plans: list[Plan],

@@ -53,6 +53,12 @@ class Plan:
         return cls.from_sizes(space, sizes)
 
     @classmethod
+    def smallest(cls, space: PruningSpace) -> Plan:
+        """The floor: every prunable dimension at its smallest allowed width, every removable block removed."""
+        return cls.from_sizes(space, {d.name: min(d.widths()) for d in space.prunable_dims()},
+                              removed=[b.name for b in space.removable_blocks()])
+
+    @classmethod
     def random(cls, space: PruningSpace, seed: int = 0, block_prob: float = 0.3) -> Plan:
         """A random plan: random allowed width and random elements per dimension, random removed blocks."""
         rng = np.random.default_rng(seed)
