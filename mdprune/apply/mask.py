@@ -17,6 +17,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.masked_norm import masked_rms_norm
+from ..layers.registry import layer_kind
 from ..space import Plan, PruningSpace
 from ..space.functions import NODE_KEY
 from .indices import Positions
@@ -57,7 +59,15 @@ class MaskedLayerNormAct(MaskedLayerNorm):
         return self.act(self.drop(super().forward(x)))
 
 
-def _masked_norm_module(ln: nn.LayerNorm) -> MaskedLayerNorm:
+def _masked_norm_module(ln: nn.Module) -> nn.Module:
+    """The masked model's stand-in for a norm over pruned features: its layer kind's ``masked``, or for a
+    LayerNorm (timm's norm + act included) a :class:`MaskedLayerNorm`."""
+    kind = layer_kind(ln)
+    if kind is not None and kind.masked is not None:
+        return kind.masked(ln)
+    if not isinstance(ln, nn.LayerNorm):
+        raise TypeError(f"{type(ln).__name__} normalises over pruned features, but its layer kind gives no masked "
+                        "stand-in (register_layer(..., masked=...))")
     has_post = any(isinstance(getattr(ln, a, None), nn.Module) for a in ("drop", "act"))
     return MaskedLayerNormAct(ln) if has_post else MaskedLayerNorm(ln)
 
@@ -77,6 +87,21 @@ class MaskedLayerNormCall(nn.Module):
         if self.full:
             return F.layer_norm(x, normalized_shape, weight, bias, eps)
         return masked_layer_norm(x, self.keep, weight, bias, eps)
+
+
+class MaskedRMSNormCall(nn.Module):
+    """An ``rms_norm`` function call (a norm traced into, or the user's own code) over the kept features only."""
+
+    def __init__(self, width: int, device: torch.device | None = None):
+        super().__init__()
+        self.register_buffer("keep", torch.ones(width, device=device))
+
+    def set_keep(self, keep: torch.Tensor) -> None:
+        self.keep.copy_(keep.to(self.keep))
+
+    def forward(self, x: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
+                eps: float | None = None) -> torch.Tensor:
+        return masked_rms_norm(x, self.keep, weight, eps)
 
 
 def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -144,13 +169,17 @@ def prepare_masked(space: PruningSpace, model: nn.Module | None = None) -> fx.Gr
 
 
 def _mask_call(node: fx.Node, calls: nn.Module, device: torch.device) -> None:
-    """Turn a ``layer_norm`` call into a call of a :class:`MaskedLayerNormCall` (same node, same name)."""
-    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    """Turn a ``layer_norm`` (``rms_norm``) call into a call of a :class:`MaskedLayerNormCall`
+    (:class:`MaskedRMSNormCall`): same node, same name."""
+    rms = getattr(node.target, "__name__", "") == "rms_norm"
+    names = ("input", "normalized_shape", "weight", "eps") if rms else ("input", "normalized_shape", "weight", "bias",
+                                                                         "eps")
     a = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
     ns = a["normalized_shape"]
-    calls.add_module(node.name, MaskedLayerNormCall(ns if isinstance(ns, int) else ns[-1], device))
+    width = ns if isinstance(ns, int) else ns[-1]
+    calls.add_module(node.name, MaskedRMSNormCall(width, device) if rms else MaskedLayerNormCall(width, device))
     node.op, node.target = "call_module", f"{NORM_CALLS}.{node.name}"
-    node.args, node.kwargs = tuple(a.get(n) for n in names[:4]) + (a.get("eps", 1e-5),), {}
+    node.args, node.kwargs = tuple(a.get(n) for n in names[:-1]) + (a.get("eps", None if rms else 1e-5),), {}
 
 
 def _norm_module(model: nn.Module, path: str) -> nn.Module:

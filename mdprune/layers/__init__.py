@@ -6,10 +6,12 @@ Attention modules are matched by structure rather than by type, so they keep the
 """
 
 from ..space.errors import AnalysisError
+from ..space.functions import mark_normalized
 from ..space.values import Chan, RawSeg
+from .masked_norm import MaskedRMSNorm
 from .registry import ChannelRule, LatencyOp, LayerKind, latency_op, layer_kind, register_layer
 from .rules import add_op, bind, input_channels, input_shape, new_channels, output_shape, require_axis
 
-__all__ = ["AnalysisError", "Chan", "ChannelRule", "LatencyOp", "LayerKind", "RawSeg", "add_op", "bind",
-           "input_channels", "input_shape", "latency_op", "layer_kind", "new_channels", "output_shape",
-           "register_layer", "require_axis"]
+__all__ = ["AnalysisError", "Chan", "ChannelRule", "LatencyOp", "LayerKind", "MaskedRMSNorm", "RawSeg", "add_op",
+           "bind", "input_channels", "input_shape", "latency_op", "layer_kind", "mark_normalized", "new_channels",
+           "output_shape", "register_layer", "require_axis"]

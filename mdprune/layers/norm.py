@@ -1,8 +1,9 @@
-"""Norms and per-channel scales: BatchNorm (frozen too), GroupNorm, LayerNorm, LayerScale, timm's norm + act.
+"""Norms and per-channel scales: BatchNorm (frozen too), GroupNorm, LayerNorm, RMSNorm (torch's, timm's RmsNorm,
+RmsNorm2d and SimpleNorm), LayerScale, timm's norm + act.
 
 Their tensors hold one value per channel, so they follow their input's channels; their slim resize sets the
-size attributes from those tensors. A LayerNorm over pruned features is *normalised*: the masked model
-normalises over the kept features only (see apply/mask.py).
+size attributes from those tensors. A LayerNorm or RMSNorm over pruned features is *normalised*: the masked
+model normalises over the kept features only (see apply/mask.py and masked_norm.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from ..space.errors import AnalysisError, where
 from ..space.functions import mark_normalized
 from ..space.values import Chan, RawSeg
+from .masked_norm import MaskedRMSNorm
 from .registry import ChannelRule, LayerKind, builtin, layer_kind
 from .rules import bind, chan_input, input_channels, require_axis
 
@@ -69,12 +71,33 @@ def layernorm_channels(prop: Propagation, node: fx.Node, m: nn.LayerNorm) -> Cha
     return x
 
 
+def channels_first_norm(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
+    """A norm over the channels of an (N, C, ...) tensor, one weight per channel (timm's ``RmsNorm2d``)."""
+    if len(m.normalized_shape) != 1:
+        raise AnalysisError(f"{where(node)} normalises over {len(m.normalized_shape)} axes; only 1 is supported")
+    x = input_channels(prop, node, 1, "channels")
+    for t in ("weight", "bias"):
+        if getattr(m, t, None) is not None:
+            bind(prop, node, t, 0, x.segs, "norm")
+    mark_normalized(prop, node.target, x.segs)
+    return x
+
+
 def layerscale_channels(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
     return per_channel(prop, node, m, {"gamma": "affine"}, axis=-1)
 
 
 def layerscale2d_channels(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
     return per_channel(prop, node, m, {"gamma": "affine"})
+
+
+def last_axis_norm(m: nn.Module) -> bool:
+    """A norm over the last axis alone that the masked model can restrict to kept features (LayerNorm, RMSNorm,
+    a user's kind with the LayerNorm rule and a ``masked`` stand-in)."""
+    kind = layer_kind(m)
+    return (isinstance(m, nn.LayerNorm) or (kind is not None and kind.channels is layernorm_channels
+                                            and kind.masked is not None)) \
+        and len(getattr(m, "normalized_shape", ())) == 1
 
 
 def resize_norm(new: nn.Module, old: nn.Module | None = None, width: int | None = None) -> None:
@@ -93,7 +116,7 @@ def resize_norm(new: nn.Module, old: nn.Module | None = None, width: int | None 
     if isinstance(new, nn.GroupNorm):
         new.num_groups = width // (new.num_channels // new.num_groups)  # whole groups are pruned
         new.num_channels = width
-    elif isinstance(new, nn.LayerNorm):
+    elif hasattr(new, "normalized_shape"):  # LayerNorm, RMSNorm and the like
         if len(new.normalized_shape) == 1:
             new.normalized_shape = (width,)
     elif hasattr(new, "num_features"):
@@ -113,9 +136,14 @@ def _drop_and_act_elementwise(m: nn.Module) -> bool:
     return all(_elementwise(getattr(m, a, None)) for a in ("drop", "act"))
 
 
-def _kind(name: str, types: tuple[Any, ...], rule: ChannelRule, norm_act: bool = False, resize: bool = True) -> None:
+def _kind(name: str, types: tuple[Any, ...], rule: ChannelRule, norm_act: bool = False, resize: bool = True,
+          masked: Any = None) -> None:
     builtin(LayerKind(name, types, rule, resize_norm if resize else None,
-                      accepts=_drop_and_act_elementwise if norm_act else None))
+                      accepts=_drop_and_act_elementwise if norm_act else None, masked=masked))
+
+
+def _masked(axis: int, statistic: str) -> Any:
+    return lambda m: MaskedRMSNorm(m, axis, statistic)  # type: ignore[arg-type]
 
 
 _NA = "timm.layers.norm_act."
@@ -123,6 +151,13 @@ _kind("batchnorm", (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm), batchnor
 _kind("frozen_batchnorm", ("torchvision.ops.misc.FrozenBatchNorm2d",), frozen_batchnorm_channels)
 _kind("groupnorm", (nn.GroupNorm, "timm.layers.GroupNorm", "timm.layers.GroupNorm1"), groupnorm_channels)
 _kind("layernorm", (nn.LayerNorm, "timm.layers.LayerNorm"), layernorm_channels)  # timm's: same computation
+_L = "timm.layers."
+_kind("rmsnorm", (*((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()), f"{_L}RmsNorm", f"{_L}RmsNormFp32"),
+      layernorm_channels, masked=_masked(-1, "rms"))
+_kind("rmsnorm2d", (f"{_L}RmsNorm2d", f"{_L}RmsNorm2dFp32"), channels_first_norm, masked=_masked(1, "rms"))
+_kind("simplenorm", (f"{_L}SimpleNorm", f"{_L}SimpleNormFp32"), layernorm_channels, masked=_masked(-1, "var"))
+_kind("simplenorm2d", (f"{_L}SimpleNorm2d", f"{_L}SimpleNorm2dFp32"), channels_first_norm,
+      masked=_masked(1, "var"))
 _kind("layerscale", ("timm.layers.LayerScale",), layerscale_channels, resize=False)
 _kind("layerscale2d", ("timm.layers.LayerScale2d",), layerscale2d_channels, resize=False)
 _kind("batchnorm_act", (f"{_NA}BatchNormAct2d", f"{_NA}SyncBatchNormAct"), batchnorm_channels, norm_act=True)

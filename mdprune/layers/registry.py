@@ -63,6 +63,10 @@ class LayerKind:
         subclasses: which subclasses of ``types`` it covers: ``"unchanged"`` those that override nothing a
             forward may use (others are traced into), ``"all"`` every subclass, ``"exact"`` none.
         accepts: a further check on the instance (None: every instance); a refused one is traced into.
+        masked: for a layer that normalises over features its rule marks *normalised* (``mark_normalized``):
+            ``module -> stand-in`` for the masked model, computing the same norm over the kept features only
+            (same tensor names; ``set_keep(mask)``; see :class:`mdprune.layers.MaskedRMSNorm`). None: the
+            masked model knows LayerNorm only.
     """
 
     name: str
@@ -72,6 +76,7 @@ class LayerKind:
     latency: LatencyOp | None = None
     subclasses: Subclasses = "unchanged"
     accepts: Callable[[nn.Module], bool] | None = None
+    masked: Callable[[nn.Module], nn.Module] | None = None
 
 
 _BUILTIN: list[LayerKind] = []  # mdprune's own kinds, registered by the family modules beside this one
@@ -88,20 +93,22 @@ def builtin(kind: LayerKind) -> LayerKind:
 @overload
 def register_layer(types: type | str | tuple[type | str, ...], *, channels: ChannelRule, resize: Resize | None = ...,
                    latency: LatencyOp | None = ..., subclasses: Subclasses = ...,
-                   accepts: Callable[[nn.Module], bool] | None = ..., name: str | None = ...) -> LayerKind: ...
+                   accepts: Callable[[nn.Module], bool] | None = ..., name: str | None = ...,
+                   masked: Callable[[nn.Module], nn.Module] | None = ...) -> LayerKind: ...
 
 
 @overload
 def register_layer(types: None = ..., *, channels: ChannelRule, resize: Resize | None = ...,
                    latency: LatencyOp | None = ..., subclasses: Subclasses = ...,
-                   accepts: Callable[[nn.Module], bool] | None = ..., name: str | None = ...
-                   ) -> Callable[[type], type]: ...
+                   accepts: Callable[[nn.Module], bool] | None = ..., name: str | None = ...,
+                   masked: Callable[[nn.Module], nn.Module] | None = ...) -> Callable[[type], type]: ...
 
 
 def register_layer(types: type | str | tuple[type | str, ...] | None = None, *, channels: ChannelRule,
                    resize: Resize | None = None, latency: LatencyOp | None = None,
                    subclasses: Subclasses = "unchanged", accepts: Callable[[nn.Module], bool] | None = None,
-                   name: str | None = None) -> LayerKind | Callable[[type], type]:
+                   name: str | None = None, masked: Callable[[nn.Module], nn.Module] | None = None
+                   ) -> LayerKind | Callable[[type], type]:
     """Teach mdprune a layer: it is traced as one node and pruned through ``channels`` (see :class:`LayerKind`).
 
     Without ``types`` it is a class decorator (``@mdprune.register_layer(channels=...)``). The layer's slim copy
@@ -125,7 +132,7 @@ def register_layer(types: type | str | tuple[type | str, ...] | None = None, *, 
             raise ValueError("register_layer needs at least one type")
         first = ts[0]
         kind = LayerKind(name or (first if isinstance(first, str) else first.__name__).rpartition(".")[2], ts,
-                         channels, resize, latency, subclasses, accepts)
+                         channels, resize, latency, subclasses, accepts, masked)
         taken = _RESERVED_OPS | {k.name for k in _BUILTIN if k.latency is not None} \
             | {k.name for k in _USER if k.latency is not None and k.types != ts}
         if latency is not None and kind.name in taken:

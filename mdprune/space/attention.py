@@ -694,11 +694,14 @@ def _bind_norm(prop: Propagation, node: fx.Node, m: nn.Module, attr: str, segs: 
                spaces: tuple[int, ...]) -> None:
     """A norm inside the module (per-head q/k norms, the norm of the merged heads) over ``segs``.
 
-    A LayerNorm over one axis normalises over the kept features (masked model: ``MaskedLayerNorm``; slim: a
-    smaller LayerNorm); any other norm keeps the dimensions it normalises over whole.
+    A LayerNorm (or RMSNorm: any norm over the last axis with a masked stand-in) normalises over the kept
+    features (masked model: ``MaskedLayerNorm``, ``MaskedRMSNorm``; slim: a smaller norm); any other norm keeps
+    the dimensions it normalises over whole.
     """
+    from ..layers.norm import last_axis_norm
+
     norm = m.get_submodule(attr)
-    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
+    if last_axis_norm(norm):
         for t in ("weight", "bias"):
             if getattr(norm, t, None) is not None:
                 prop.bind(f"{node.target}.{attr}.{t}", 0, segs, node, "norm")

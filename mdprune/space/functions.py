@@ -504,6 +504,8 @@ _RULES.update(SPLIT_RULES)
 _NORM_ARGS: dict[Any, tuple[str, ...]] = {
     F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
     torch.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"),
+    **({F.rms_norm: ("input", "normalized_shape", "weight", "eps"),
+        torch.rms_norm: ("input", "normalized_shape", "weight", "eps")} if hasattr(F, "rms_norm") else {}),
     F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
     torch.group_norm: ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"),
     F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
@@ -599,4 +601,5 @@ def _batch_norm(prop: Propagation, node: fx.Node) -> Any:
     return x
 
 
-_RULES.update({"layer_norm": _layer_norm, "group_norm": _group_norm, "batch_norm": _batch_norm})
+_RULES.update({"layer_norm": _layer_norm, "rms_norm": _layer_norm, "group_norm": _group_norm,
+               "batch_norm": _batch_norm})
