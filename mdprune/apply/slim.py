@@ -158,10 +158,11 @@ def _slim_module(space: PruningSpace, pos: Positions, path: str, m: nn.Module) -
 
 def _resize(new: nn.Module, old: nn.Module, space: PruningSpace, pos: Positions, path: str) -> None:
     """Update the size attributes of a module whose tensors were sliced: its layer kind knows how."""
-    if path in space.normalized:  # a LayerNorm over pruned features: its width is the plan's (it may hold no tensor)
+    kind = layer_kind(old)
+    if path in space.normalized and (kind is None or kind.resize in (None, resize_norm)):
+        # a LayerNorm over pruned features: its width is the plan's (it may hold no tensor)
         resize_norm(new, old, int(pos.axis(space.normalized[path]).numel()))
         return
-    kind = layer_kind(old)
     if kind is None:
         raise TypeError(f"mdprune does not know how to resize module '{path}' of type {type(new).__name__}")
     if kind.resize is not None:  # (None: its size lives in its tensors only)

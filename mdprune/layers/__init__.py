@@ -1,4 +1,4 @@
-"""Layer kinds: one module per family (conv, linear, norm, passthrough), each holding its channel rule, slim
+"""Layer kinds: one module per family (conv, linear, norm, passthrough, stdconv), each holding its channel rule, slim
 resize and latency op; :func:`register_layer` teaches mdprune a layer of your own.
 
 Attention modules are matched by structure rather than by type, so they keep their own home:

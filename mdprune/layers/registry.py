@@ -35,7 +35,8 @@ Macs = Callable[[dict[str, Any], dict[str, int]], int]
 solver passes NumPy arrays of widths to count a whole grid at once: use arithmetic, not ``int()`` or ``if``."""
 Subclasses = Literal["unchanged", "all", "exact"]
 
-_BUILTIN_FAMILIES = ("conv", "linear", "norm", "passthrough")  # modules of this package, loaded on first lookup
+# modules of this package, loaded on first lookup
+_BUILTIN_FAMILIES = ("conv", "linear", "norm", "passthrough", "stdconv")
 _RESERVED_OPS = frozenset({"attention", "node"})  # op kinds of latency/ops.py (attention cores, replayed nodes)
 
 
