@@ -40,6 +40,7 @@ MODELS = [
     "timm:levit_128s", "timm:efficientformer_l1", "timm:mobilevit_xxs", "timm:fastvit_t8", "timm:repvgg_a0",
     "timm:cspresnet50", "timm:ghostnet_100", "timm:resnet50d", "timm:seresnet50",
     "timm:deit_tiny_distilled_patch16_224", "timm:vit_small_patch16_224?class_token=False&global_pool=avg",
+    "timm:resnetv2_50x1_bit", "timm:nf_regnet_b0", "timm:convnext_atto_rms",
 ]
 
 

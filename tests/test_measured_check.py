@@ -203,3 +203,34 @@ def test_the_kept_plan_is_the_admissible_one_nearest_the_target():
     assert len(checks) == 3 and not checks[2]["significant"]
     assert kept == [2] and plan is plans[2] and fractions[2] == 0.695
     assert budgets[0] < budgets[2] < budgets[1]
+
+
+def test_a_plateau_is_not_measured_again_and_the_gap_is_searched():
+    """The plan does not change over a range of solver budgets (a plateau: the same plan comes back at the next
+    budgets). A plan measured already is not measured again and uses no round; its measurement narrows the
+    bracket and the solver is asked again, until a plan inside the gap is found (here: at the target)."""
+    space, lm, dense, *_ = _setup()
+    target = 0.7 * dense
+    # three distinct plans; the model over-predicts the first (0.71 of dense predicted, 0.60 measured), so the
+    # first correction loosens the budget by 19%: past the narrow window where the within plan is solved
+    under, within, over = (mdprune.Plan.uniform(space, r) for r in (0.8, 0.6, 0.9))
+    assert under != within and within != over and under != over
+    budgets: list[float] = []
+    now = {"fraction": 0.0}
+
+    def solve_at(ms):  # a plateau of the over plan above 1.1 x the target; the within plan only just above it
+        budgets.append(ms)
+        plan, now["fraction"] = (under, 0.60) if ms <= target else (within, 0.70) if ms <= 1.1 * target else \
+            (over, 0.75)
+        return plan, ms
+
+    def measure(models):
+        return {"pruned": Measurement(now["fraction"] * dense, 0.0), "dense": Measurement(dense, 0.0)}
+
+    said: list[str] = []
+    plan, _, checks = solve_within_measured_budget(space, lm, FLOPS, solve_at, target, dense, rounds=2,
+                                                   log=said.append, measure=measure, error_range=1.0, ratio=NO_CLOCK)
+    fractions = [round(c["fraction"], 6) for c in checks]
+    assert len(set(fractions)) == len(fractions)  # no plan measured twice
+    assert fractions == [0.6, 0.75, 0.7] and plan is within and checks[-1]["kept"]
+    assert any("not measured again" in s for s in said) and len(budgets) > len(checks)  # the plateau: no round

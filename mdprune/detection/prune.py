@@ -183,7 +183,7 @@ def prune_detector(
     every: int = 8,
     lr: float = 0.01,
     blocks: bool = True,
-    verify_rounds: int = 2,
+    verify_rounds: int = 3,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, DetectionPruneReport]:

@@ -16,7 +16,9 @@ never by more than the model's error range seen on this model: the calibration's
 when unknown) or a larger error that a check of this call showed significantly (its interval's bound nearest the
 target, so noise never enlarges it). So the solver budget stays within that range of the target, and a noisy
 measurement cannot push the plan far from it; a model whose error grows as plans shrink is followed, one
-significant check at a time. The plan
+significant check at a time. A re-solve that returns a plan measured already (the plan does not change over that
+range of solver budgets) is not measured again: its measurement stands at the new budget, narrows the bracket,
+and the solver is asked again, without using a round. The plan
 kept is, among the plans whose interval is not wholly above the target (not significantly over), the one whose
 measured fraction is nearest the target; if every plan is significantly over, the one measured smallest.
 """
@@ -38,6 +40,10 @@ from ..space import Plan, PruningSpace
 #: the model error range assumed when neither the caller nor the model gives one: the table model's error on
 #: pruned end-to-end models measured on shared CPUs (median 4-8%, noise floor 6-9%; docs: latency notes)
 DEFAULT_ERROR_RANGE = 0.10
+
+#: re-solves in a row that may return a plan measured already (a plateau of the plan against the solver budget)
+#: before the check gives up; they are not measured again and use no round
+SAME_PLAN_SOLVES = 4
 
 #: one line for reports: what the fractions of a measured check are
 COMPARED = ("Measured / dense: each plan's slim model and the dense model timed alternately in the same run; the "
@@ -108,28 +114,47 @@ def solve_within_measured_budget(
         _say(log, c, rs)
         if not side or r == max(rounds, 0):
             break
-        if side == "over" and (over is None or budget < over["budget_ms"]):
-            over = c
-        if side == "under" and (under is None or budget > under["budget_ms"]):
-            under = c
-        cap = max([limit] + [_shown(x, dense_ms) for x in checks if x["significant"]])  # seen so far, this one too
-        nxt, c["capped"] = _corrected(c, side, target_ms, dense_ms, budget, (under, over), cap)
-        capped = f" (capped at the model's error range seen, ±{100 * cap:.1f}% of the target)" if c["capped"] else ""
-        if abs(nxt - budget) <= 0.005 * budget:
+        solved = None
+        for _ in range(SAME_PLAN_SOLVES + 1):  # re-solves that land on a plan measured already use no round
+            if side == "over" and (over is None or budget < over["budget_ms"]):
+                over = c
+            if side == "under" and (under is None or budget > under["budget_ms"]):
+                under = c
+            cap = max([limit] + [_shown(x, dense_ms) for x in checks if x["significant"]])  # seen so far
+            nxt, c["capped"] = _corrected(c, side, target_ms, dense_ms, budget, (under, over), cap)
+            capped = f" (capped at the model's error range seen, ±{100 * cap:.1f}% of the target)" \
+                if c["capped"] else ""
+            if abs(nxt - budget) <= 0.005 * budget:
+                if log is not None:
+                    log(f"no correction beyond 0.5% of the solver budget{capped or ' (the model predicted it well)'}"
+                        ": stopping")
+                break
             if log is not None:
-                log(f"no correction beyond 0.5% of the solver budget{capped or ' (the model predicted it well)'}: "
-                    "stopping")
-            break
-        if log is not None:
-            log(f"re-solving at {nxt:.3f} ms (was {budget:.3f}){capped}")
-        try:
-            plan, extra = solve_at(nxt)
-        except InfeasibleBudget as e:
+                log(f"re-solving at {nxt:.3f} ms (was {budget:.3f}){capped}")
+            try:
+                new_plan, new_extra = solve_at(nxt)
+            except InfeasibleBudget as e:
+                if log is not None:
+                    log(f"cannot tighten further ({e})" + ("" if _admissible(checks) else "; keeping the last plan"))
+                break
+            c["correction"] = nxt / budget
+            budget = nxt
+            same = next((i for i, (p, _) in enumerate(found) if p == new_plan), None)
+            if same is None:
+                solved = new_plan, new_extra
+                break
+            # a plateau: the solver gave a plan measured already, whose measurement holds at this budget too
+            c = {**checks[same], "budget_ms": budget}
+            side = "over" if c["fraction_low"] > goal else "under" if c["fraction_high"] < goal * (1 - tolerance) \
+                else ""
             if log is not None:
-                log(f"cannot tighten further ({e})" + ("" if _admissible(checks) else "; keeping the last plan"))
+                log(f"the plan solved at {budget:.3f} ms is check {same + 1}'s ({100 * c['fraction']:.1f}% of dense): "
+                    "not measured again")
+            if not side:
+                break
+        if solved is None:
             break
-        c["correction"] = nxt / budget
-        budget = nxt
+        plan, extra = solved
     chosen = _choose(checks)
     for i, c in enumerate(checks):
         c["kept"] = float(i == chosen)
