@@ -22,8 +22,8 @@ from .test_swin_levit_mobilevit import randomize
 def test_bit_resnetv2() -> None:
     """BiT's pre-activation ResNet-V2: StdConv2d after GroupNorm + act; the inputs of every conv prunable."""
     torch.manual_seed(0)
-    model = randomize(ResNetV2(layers=(1, 2), channels=(64, 128), num_classes=10, stem_chs=32,
-                               norm_layer=partial(GroupNormAct, num_groups=8)))
+    model = randomize(ResNetV2(layers=(1, 2), channels=(64, 128), num_classes=10, stem_chs=32, stem_type="fixed",
+                               norm_layer=partial(GroupNormAct, num_groups=8)))  # fixed: BiT's ConstantPad2d stem
     space = check_exact(model, torch.randn(2, 3, 32, 32), seeds=(1, 2, 3))
     assert len(space.blocks) == 3 and len(space.prunable_dims()) >= 8
 

@@ -34,7 +34,9 @@ _LIBRARY_PASS = (
 # Spatial modules on NCHW tensors: channels stay on axis 1.
 _SPATIAL = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d,
-)
+    nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, *((nn.CircularPad2d,) if hasattr(nn, "CircularPad2d")
+                                                                 else ()),
+)  # (the 2d pads pad the last two axes only)
 
 
 def passthrough_channels(prop: Propagation, node: fx.Node, m: nn.Module) -> Any:
