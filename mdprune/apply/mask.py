@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.masked_norm import masked_rms_norm
+from ..layers.masked_norm import KeepMask, masked_rms_norm
 from ..layers.registry import layer_kind
 from ..space import Plan, PruningSpace
 from ..space.functions import NODE_KEY
@@ -89,15 +89,8 @@ class MaskedLayerNormCall(nn.Module):
         return masked_layer_norm(x, self.keep, weight, bias, eps)
 
 
-class MaskedRMSNormCall(nn.Module):
+class MaskedRMSNormCall(KeepMask):
     """An ``rms_norm`` function call (a norm traced into, or the user's own code) over the kept features only."""
-
-    def __init__(self, width: int, device: torch.device | None = None):
-        super().__init__()
-        self.register_buffer("keep", torch.ones(width, device=device))
-
-    def set_keep(self, keep: torch.Tensor) -> None:
-        self.keep.copy_(keep.to(self.keep))
 
     def forward(self, x: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
                 eps: float | None = None) -> torch.Tensor:

@@ -13,7 +13,18 @@ import torch
 from torch import nn
 
 
-class MaskedRMSNorm(nn.Module):
+class KeepMask(nn.Module):
+    """A masked stand-in's mask over the features it restricts itself to (``set_keep``; all kept at first)."""
+
+    def __init__(self, width: int, device: torch.device | None = None):
+        super().__init__()
+        self.register_buffer("keep", torch.ones(width, device=device))
+
+    def set_keep(self, keep: torch.Tensor) -> None:
+        self.keep.copy_(keep.to(self.keep))
+
+
+class MaskedRMSNorm(KeepMask):
     """``x * rsqrt(statistic + eps) * weight`` over the kept features of ``axis`` (-1: last, 1: channels first).
 
     ``statistic`` is ``"rms"`` (the mean of squares: ``nn.RMSNorm``, timm's ``RmsNorm``/``RmsNorm2d``) or
@@ -22,20 +33,15 @@ class MaskedRMSNorm(nn.Module):
     """
 
     def __init__(self, norm: nn.Module, axis: int = -1, statistic: Literal["rms", "var"] = "rms"):
-        super().__init__()
         shape = tuple(norm.normalized_shape)
         if len(shape) != 1:
             raise ValueError(f"{type(norm).__name__} normalises over {len(shape)} axes; only 1 is supported")
         weight = getattr(norm, "weight", None)
+        super().__init__(shape[0], weight.device if weight is not None else None)
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad) \
             if weight is not None else None
         self.eps: float | None = norm.eps
         self.axis, self.statistic = axis, statistic
-        device = weight.device if weight is not None else None
-        self.register_buffer("keep", torch.ones(shape[0], device=device))
-
-    def set_keep(self, keep: torch.Tensor) -> None:
-        self.keep.copy_(keep.to(self.keep))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return masked_rms_norm(x, self.keep, self.weight, self.eps, self.axis, self.statistic)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..space.values import Chan
 from .conv import conv2d_channels, resize_conv2d
+from .masked_norm import KeepMask
 from .registry import LayerKind, builtin
 from .rules import bind
 
@@ -38,20 +39,16 @@ def stdconv2d_channels(prop: Propagation, node: fx.Node, m: nn.Conv2d) -> Chan:
     return out
 
 
-class MaskedStdConv2d(nn.Module):
+class MaskedStdConv2d(KeepMask):
     """The masked model's weight-standardised convolution: statistics over the kept inputs (``set_keep``: a mask
     over weight axis 1) only, as the slim convolution computes them; the same tensor names as the original."""
 
     def __init__(self, conv: nn.Conv2d):
-        super().__init__()
+        super().__init__(conv.weight.shape[1], conv.weight.device)
         self.weight, self.bias, self.gain = conv.weight, conv.bias, getattr(conv, "gain", None)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.kernel_size, self.same_pad = conv.kernel_size, getattr(conv, "same_pad", False)
         self.eps, self.scale = conv.eps, getattr(conv, "scale", 1.0)
-        self.register_buffer("keep", torch.ones(conv.weight.shape[1], device=conv.weight.device))
-
-    def set_keep(self, keep: torch.Tensor) -> None:
-        self.keep.copy_(keep.to(self.keep))
 
     def standardised(self) -> torch.Tensor:
         w = self.weight
