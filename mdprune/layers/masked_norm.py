@@ -59,7 +59,7 @@ def masked_rms_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | 
         return t if axis % x.dim() == x.dim() - 1 else t.view(-1, *([1] * (x.dim() - 1 - axis % x.dim())))
 
     m = view(keep.to(x.dtype))
-    n = keep.to(x.dtype).sum()
+    n = m.sum()
     if statistic == "rms":
         stat = (x * x * m).sum(axis, keepdim=True) / n
     else:

@@ -75,10 +75,7 @@ def channels_first_norm(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
     """A norm over the channels of an (N, C, ...) tensor, one weight per channel (timm's ``RmsNorm2d``)."""
     if len(m.normalized_shape) != 1:
         raise AnalysisError(f"{where(node)} normalises over {len(m.normalized_shape)} axes; only 1 is supported")
-    x = input_channels(prop, node, 1, "channels")
-    for t in ("weight", "bias"):
-        if getattr(m, t, None) is not None:
-            bind(prop, node, t, 0, x.segs, "norm")
+    x = per_channel(prop, node, m, {"weight": "norm", "bias": "norm"})
     mark_normalized(prop, node.target, x.segs)
     return x
 

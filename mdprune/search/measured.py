@@ -104,7 +104,7 @@ def solve_within_measured_budget(
     for r in range(max(rounds, 0) + 1):
         m = _measure(space, settings, dense, plan, rs, measure, timed)
         predicted = lm.predict_plan(plan)
-        side = "over" if m.low > goal else "under" if m.high < goal * (1 - tolerance) else ""
+        side = _side(m.low, m.high, goal, tolerance)
         c = {"budget_ms": budget, "predicted_ms": predicted, "measured_ms": m.a_ms, "measured_dense_ms": m.b_ms,
              "fraction": m.ratio, "fraction_low": m.low, "fraction_high": m.high, "target_fraction": goal,
              "rounds": m.rounds, "seconds": m.seconds, "converged": m.converged, "significant": bool(side),
@@ -145,8 +145,7 @@ def solve_within_measured_budget(
                 break
             # a plateau: the solver gave a plan measured already, whose measurement holds at this budget too
             c = {**checks[same], "budget_ms": budget}
-            side = "over" if c["fraction_low"] > goal else "under" if c["fraction_high"] < goal * (1 - tolerance) \
-                else ""
+            side = _side(c["fraction_low"], c["fraction_high"], goal, tolerance)
             if log is not None:
                 log(f"the plan solved at {budget:.3f} ms is check {same + 1}'s ({100 * c['fraction']:.1f}% of dense): "
                     "not measured again")
@@ -159,6 +158,12 @@ def solve_within_measured_budget(
     for i, c in enumerate(checks):
         c["kept"] = float(i == chosen)
     return found[chosen][0], found[chosen][1], checks
+
+
+def _side(low: float, high: float, goal: float, tolerance: float) -> str:
+    """"over" when the interval lies wholly above the target fraction, "under" when wholly below
+    ``goal * (1 - tolerance)``, else "" (not significant)."""
+    return "over" if low > goal else "under" if high < goal * (1 - tolerance) else ""
 
 
 def _measure(space: PruningSpace, settings: LatencySettings, dense: nn.Module, plan: Plan, rs: RatioSettings,
