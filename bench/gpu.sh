@@ -1,131 +1,94 @@
 #!/usr/bin/env bash
-# The CUDA path on one GPU (written for one H200; about 8 minutes at most). Each part runs under its own
-# timeout and says what it checked; figures go to $OUT (else bench/results/gpu) as JSON, a summary in
-# summary.json. Run from the repository root: `bash bench/gpu.sh`. PYTHON overrides the interpreter.
+# MDP end to end on one GPU, as deployed: latency tables at batch 256 in float16 for resnet50 and
+# deit_base_patch16_224, `mdprune lut validate` on both (predicted against measured latency of random plans),
+# then both pruned to 50% of their measured latency with the measured check. Written for one H200, about
+# 5 minutes (8 at most: every part has its own timeout), so the sizes are small:
+#   tables: 3 widths per role for convolutions and linear layers, 3 per role for attention (heads x q/k x v),
+#           2 timing rounds of 3 samples; validation: 4 random plans;
+#   pruning: importance from 2 batches of 32 images, 4 fine-tuning iterations (the models are untrained: the
+#           run checks latency and the pipeline, not accuracy), measured check with up to 2 re-solves.
+# The data is scikit-learn's digits written as an RGB ImageFolder (nothing is downloaded).
 #
-# Parts: environment and fingerprint; the CPU tests of the CUDA path; a latency table built on the GPU at
-# batch 256 (chunks sized by free memory); predicted against measured latency in fp16 channels-last; the
-# attention kernel jump on and off the q/k == v diagonal; a 2-process DDP pruning run on one GPU (two ranks
-# cannot share a GPU under NCCL: mdprune picks gloo, said on stderr); an --amp fine-tuning run.
+#   bash bench/gpu.sh OUT_DIR                 # on a CUDA machine
+#   bash bench/gpu.sh OUT_DIR --device cpu    # the same flow on the CPU at tiny sizes (batch 2, 64 px)
+#
+# Each part logs to OUT_DIR/<part>.log; OUT_DIR/summary.json gathers the figures (PYTHON overrides python).
 set -u
 
-export OUT_DIR="${OUT:-bench/results/gpu}"
+OUT_DIR=${1:?usage: bash bench/gpu.sh OUT_DIR [--device cpu]}
+DEVICE=cuda
+if [ "${2:-}" = "--device" ]; then DEVICE=${3:?--device needs a value}; fi
 mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
-export MDPRUNE_CACHE="$OUT_DIR/cache"
-export PYTHONUNBUFFERED=1
-SUMMARY="$OUT_DIR/summary.jsonl"
+export MDPRUNE_CACHE="$OUT_DIR/cache" PYTHONUNBUFFERED=1 OUT_DIR DEVICE
+SUMMARY="$OUT_DIR/parts.jsonl"
 : > "$SUMMARY"
-RUNS="$OUT_DIR/runs"
-rm -rf "$RUNS"
 
-part() {  # part NAME SECONDS COMMAND...: run with a timeout, log, record rc and seconds
-    local name=$1 limit=$2
+if [ "$DEVICE" = cpu ]; then
+    BATCH=2 DTYPE=float32 SIZE=64 GRID=2 GRID3=2 ROUNDS=1 REPS=2 SAMPLES=2 SCALE=4
+else
+    BATCH=256 DTYPE=float16 SIZE=224 GRID=3 GRID3=3 ROUNDS=2 REPS=3 SAMPLES=4 SCALE=1
+fi
+TIMING=(--device "$DEVICE" --batch "$BATCH" --dtype "$DTYPE" --grid-points "$GRID" --grid-points-3d "$GRID3"
+        --rounds "$ROUNDS" --reps "$REPS" --num-classes 10 --input-size "$SIZE")
+
+part() {  # part NAME SECONDS COMMAND...: run under a timeout, log, record rc and seconds
+    local name=$1 limit=$(( $2 * SCALE ))
     shift 2
     echo "=== $name (at most ${limit}s): $*"
     local t0 rc
     t0=$(date +%s)
     timeout --kill-after=10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
     rc=$?
-    tail -n 25 "$OUT_DIR/$name.log"
+    tail -n 12 "$OUT_DIR/$name.log"
     echo "--- $name: rc=$rc in $(( $(date +%s) - t0 ))s$([ $rc = 124 ] && echo ' (TIMED OUT)')"
     echo "{\"part\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 ))}" >> "$SUMMARY"
 }
 
-# 1. what this machine is, and the fingerprint a table measured here gets
-part env 60 "$PY" - <<'EOF'
+part env 30 "$PY" - <<'EOF'
 import json, os, torch
 from mdprune.latency import LatencySettings
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
-      "devices", torch.cuda.device_count())
-fp = LatencySettings(device="cuda", dtype="float16", channels_last=True).fingerprint()
+dev = os.environ["DEVICE"]
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+fp = LatencySettings(device=dev, dtype="float16" if dev.startswith("cuda") else "float32").fingerprint()
 print(json.dumps(fp, indent=1))
-free, total = torch.cuda.mem_get_info()
-print(f"free {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB")
-assert fp["driver"] and fp["cudnn"] and fp["capability"], "fingerprint lacks driver, cuDNN or capability"
-json.dump({"fingerprint": fp, "free_gib": free / 2**30}, open(os.path.join(os.environ["OUT_DIR"], "env.json"), "w"))
+json.dump(fp, open(os.path.join(os.environ["OUT_DIR"], "env.json"), "w"), indent=1)
 EOF
 
-# 2. the CPU tests of the CUDA path (they fake CUDA; here they run beside a real one)
-part cpu_tests 120 "$PY" -m pytest -q -x tests/test_cuda_path.py
-
-# 3. a table at batch 256 on the GPU: no out-of-memory (chunks sized by free memory), inputs drawn on the GPU
-part lut_build_b256 150 "$PY" -m mdprune lut build resnet50 --num-classes 10 --device cuda --batch 256 \
-    --dtype float16 --grid-points 4 --rounds 2 --reps 3 --time-budget 110
-
-# 4. fp16 channels-last deployment: predicted against measured latency (ops and end to end alike)
-part lut_validate_fp16_nhwc 120 "$PY" -m mdprune lut validate resnet18 --num-classes 10 --device cuda \
-    --batch 64 --dtype float16 --channels-last --grid-points 4 --samples 4 --rounds 2 --reps 3 \
-    --json "$OUT_DIR/validate_resnet18_fp16_nhwc.json"
-
-# 5. attention on and off the q/k == v diagonal (fp16, DeiT-S shapes): is there a jump, and how large
-part attention_diagonal 90 "$PY" - <<'EOF'
-import json, os, torch
-from mdprune.latency import TimingSettings, measure_many
-from mdprune.latency.ops import op_module
-from mdprune.latency.regimes import without_flash
-t = TimingSettings(device="cuda", warmup=5, reps=5, rounds=3)
-fixed = {"tokens": 197}
-points = [(6, 64, 64), (6, 64, 56), (6, 56, 64), (6, 56, 56), (6, 48, 64), (6, 64, 48), (6, 48, 48), (6, 32, 64)]
-out = {}
-for batch in (1, 64):
-    runs = {}
-    for h, q, v in points:
-        m, x = op_module("attention", fixed, {"heads": h, "qk": q, "v": v}, batch, "cuda", torch.float16)
-        runs[(h, q, v)] = (lambda m=m, x=x: m(*x))
-    ms = {k: r.ms for k, r in measure_many(runs, t).items()}
-    with without_flash():
-        off = {k: r.ms for k, r in measure_many({k: r for k, r in runs.items() if k[1] == k[2]}, t).items()}
-    for k in points:
-        print(f"batch {batch} heads {k[0]} qk {k[1]} v {k[2]}: {ms[k]:.4f} ms"
-              + (f" (fast kernel excluded: {off[k]:.4f} ms)" if k in off else ""))
-    out[batch] = {"x".join(map(str, k)): {"ms": ms[k], "no_flash_ms": off.get(k)} for k in points}
-json.dump(out, open(os.path.join(os.environ["OUT_DIR"], "attention_diagonal.json"), "w"), indent=1)
+part data 30 "$PY" - <<'EOF'
+# scikit-learn's digits as an RGB ImageFolder: 8x8 images scaled to 32x32 PNGs, a fixed split
+import os
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+d = load_digits()
+root = os.path.join(os.environ["OUT_DIR"], "digits")
+rng = np.random.default_rng(0)
+for i in rng.permutation(len(d.target))[:600]:
+    split = "val" if i % 4 == 0 else "train"
+    folder = os.path.join(root, split, str(d.target[i]))
+    os.makedirs(folder, exist_ok=True)
+    img = (d.images[i] * (255 / 16)).astype(np.uint8)
+    Image.fromarray(img).convert("RGB").resize((32, 32), Image.NEAREST).save(os.path.join(folder, f"{i}.png"))
+print("images:", {s: sum(len(f) for _, _, f in os.walk(os.path.join(root, s))) for s in ("train", "val")})
 EOF
 
-# 6. DDP: 2 ranks on this one GPU (gloo; NCCL refuses two ranks per GPU), iterative pruning with two steps:
-#    importance all-reduced (the batch count on the GPU), plan broadcast, every rank the same plan
-part ddp_two_ranks_one_gpu 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m mdprune prune \
-    small_resnet18 --device cuda:0 --schedule iterative --steps 2 --every 3 --epochs 1 --batch-size 64 \
-    --max-iterations 8 --train-limit 2048 --val-limit 256 --backend flops --grid-points 2 --verify-rounds -1 \
-    --run-dir "$RUNS/ddp"
-grep -h "pruning step" "$OUT_DIR/ddp_two_ranks_one_gpu.log" | sort | uniq -c | head -8
-grep -h "share" "$OUT_DIR/ddp_two_ranks_one_gpu.log" | head -2
+for MODEL in resnet50 deit_base_patch16_224; do
+    ARGS=()
+    case $MODEL in deit*) ARGS=(--model-arg "img_size=$SIZE");; esac
+    part "lut_build_$MODEL" 75 "$PY" -m mdprune lut build "$MODEL" "${TIMING[@]}" "${ARGS[@]}" \
+        --time-budget $(( 55 * SCALE ))
+    part "lut_validate_$MODEL" 40 "$PY" -m mdprune lut validate "$MODEL" "${TIMING[@]}" "${ARGS[@]}" \
+        --samples "$SAMPLES" --json "$OUT_DIR/validate_$MODEL.json"
+    part "prune_$MODEL" 95 "$PY" -m mdprune prune "$MODEL" "${ARGS[@]}" --data "$OUT_DIR/digits" \
+        --input-size "$SIZE" --budget 50% --device "$DEVICE" --latency-batch "$BATCH" --latency-dtype "$DTYPE" \
+        --grid-points "$GRID" --grid-points-3d "$GRID3" --timing-rounds "$ROUNDS" --timing-reps "$REPS" \
+        --importance-batches 2 --batch-size 32 --epochs 1 --max-iterations 4 --train-limit 256 --val-limit 128 \
+        --verify-rounds 2 --run-dir "$OUT_DIR/runs/$MODEL"
+done
 
-# 7. --amp fine-tuning: fp16 autocast with a GradScaler, importance skipping overflowed steps
-part amp_finetune 120 "$PY" - <<'EOF'
-import json, os, torch
-from torch import nn
-from mdprune.train.loop import TrainConfig, _SCALERS, train_epoch
-from mdprune.zoo import small_resnet18
-dev = torch.device("cuda")
-model = small_resnet18(in_chans=3).to(dev)
-opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-data = [(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))) for _ in range(20)]
-seen = []
-stats = train_epoch(model, data, opt, sch, TrainConfig(amp=True), dev,
-                    after_backward=lambda: seen.append(all(torch.isfinite(p.grad).all().item()
-                                                          for p in model.parameters() if p.grad is not None)))
-scaler = _SCALERS.get(opt)
-print(f"loss {stats['loss']:.4f}; scaler scale {scaler.get_scale() if scaler else None}; "
-      f"after_backward on {len(seen)} of 20 steps, all finite: {all(seen)}")
-assert scaler is not None and all(seen) and stats["loss"] == stats["loss"]
-m = model.float()
-from mdprune.latency import LatencySettings, measure_models
-from mdprune.space import analyze
-space = analyze(m, torch.randn(1, 3, 32, 32, device=dev))
-r = measure_models({"m": m}, space, LatencySettings(device="cuda", dtype="float16", batch=64))
-assert next(m.parameters()).dtype == torch.float32, "measuring changed the model's dtype"
-print(f"fp16 end-to-end {r['m'].ms:.3f} ms; the model stayed float32")
-json.dump({"loss": stats["loss"], "scale": scaler.get_scale(), "steps_with_importance": len(seen),
-           "fp16_ms": r["m"].ms}, open(os.path.join(os.environ["OUT_DIR"], "amp.json"), "w"))
-EOF
-part amp_prune_cli 100 "$PY" -m mdprune prune small_resnet18 --device cuda --amp --epochs 1 --batch-size 64 \
-    --max-iterations 10 --train-limit 2048 --val-limit 256 --backend flops --grid-points 2 --verify-rounds -1 \
-    --run-dir "$RUNS/amp"
-
-echo "=== summary ($SUMMARY)"
-cat "$SUMMARY"
+part summary 30 "$PY" bench/gpu_summary.py "$OUT_DIR"
+cat "$OUT_DIR/summary.json" 2>/dev/null

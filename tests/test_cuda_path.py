@@ -338,3 +338,7 @@ def test_deployment_options_reach_the_settings():
     assert lat["channels_last"] is True and lat["tf32"] is False and "autocast" not in lat
     a = p.parse_args(["prune", "resnet18"])
     assert not {"channels_last", "autocast", "tf32", "cudnn_benchmark"} & set(prune.run_config(a).latency)
+    a = p.parse_args(["prune", "resnet18", "--grid-points", "3", "--grid-points-3d", "4"])
+    from mdprune.train.config import latency_settings
+    s = latency_settings(prune.run_config(a))  # the table a run reads is the one `lut build` with the same grids wrote
+    assert (s.grid_points, s.grid_points_3d) == (3, 4)

@@ -103,7 +103,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--threads", type=int, default=1, help="CPU threads while measuring (default 1)")
     lat.add_argument("--backend", choices=["eager", "onnxruntime", "flops"], default="eager",
                      help="runtime measured in; flops: deterministic counts instead of timing (dry runs, tests)")
-    lat.add_argument("--grid-points", type=int, default=16, help="grid widths per role (default 16)")
+    lat.add_argument("--grid-points", type=int, default=16, help="grid widths per role, 2-role ops (default 16)")
+    lat.add_argument("--grid-points-3d", type=int, default=5, help="grid widths per role, attention (default 5)")
     lat.add_argument("--timing-rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     lat.add_argument("--timing-reps", type=int, default=5, help="timed samples per round (default 5)")
     lat.add_argument("--lut", default=None, help="latency table file or cache directory (default: the cache)")
@@ -123,7 +124,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
     latency = {"batch": args.latency_batch, "threads": args.threads, "backend": args.backend,
                "dtype": args.latency_dtype,
-               "grid_points": args.grid_points,
+               "grid_points": args.grid_points, "grid_points_3d": args.grid_points_3d,
                "timing": {"rounds": args.timing_rounds, "reps": args.timing_reps}, **deployment_settings(args)}
     if args.latency_device:
         latency["device"] = args.latency_device
