@@ -63,6 +63,17 @@ part lut_validate_fp16_nhwc 120 "$PY" -m mdprune lut validate resnet18 --num-cla
     --batch 64 --dtype float16 --channels-last --grid-points 4 --samples 4 --rounds 2 --reps 3 \
     --json "$OUT_DIR/validate_resnet18_fp16_nhwc.json"
 
+# 4b. does a finer grid shrink the table model's error at batch 256 fp16? (bench/gpu.sh validates on 3 widths
+#     per role; the same 4 random plans, seed 0, on 8)
+part lut_validate_resnet50_grid8 150 "$PY" -m mdprune lut validate resnet50 --num-classes 10 --device cuda \
+    --batch 256 --dtype float16 --grid-points 8 --samples 4 --rounds 2 --reps 3 \
+    --json "$OUT_DIR/validate_resnet50_grid8.json"
+
+# 4c. a detector end to end on the GPU (transform, backbone, heads, post-processing)
+part detect_validate_ssdlite 120 "$PY" -m mdprune lut validate ssdlite320_mobilenet_v3_large --task detection \
+    --num-classes 4 --input-size 320 --device cuda --batch 8 --dtype float16 --grid-points 3 --samples 4 \
+    --rounds 2 --reps 3 --json "$OUT_DIR/validate_ssdlite_fp16.json"
+
 # 5. attention on and off the q/k == v diagonal (fp16, DeiT-S shapes): is there a jump, and how large
 part attention_diagonal 90 "$PY" - <<'EOF'
 import json, os, torch

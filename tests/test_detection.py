@@ -20,7 +20,37 @@ DETECTORS = {
     "retinanet_resnet50_fpn_v2": 128,
     "fcos_resnet50_fpn": 128,
     "fasterrcnn_mobilenet_v3_large_fpn": 128,
+    "tests.test_detection:mask_rcnn_mobilenet": 128,
+    "tests.test_detection:keypoint_rcnn_mobilenet": 128,
+    "maskrcnn_resnet50_fpn_v2": 128,
+    "keypointrcnn_resnet50_fpn": 128,
 }
+
+
+def _mobilenet_fpn() -> dict:
+    """A torchvision MobileNetV3-large backbone with FPN (random weights, BatchNorm as torchvision builds it
+    untrained) and anchors for its 3 levels."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+
+    return {"backbone": mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True,
+                                           norm_layer=torch.nn.BatchNorm2d, trainable_layers=6),
+            "rpn_anchor_generator": AnchorGenerator(((16, 32, 64, 128),) * 3, ((0.5, 1.0, 2.0),) * 3),
+            "box_detections_per_img": 10}  # the mask and keypoint heads run on each detection: keep tests quick
+
+
+def mask_rcnn_mobilenet(num_classes: int = 4) -> torch.nn.Module:
+    """Mask R-CNN on a small backbone (the family of maskrcnn_resnet50_fpn, light enough for every run)."""
+    from torchvision.models.detection import MaskRCNN
+
+    return MaskRCNN(num_classes=num_classes, **_mobilenet_fpn())
+
+
+def keypoint_rcnn_mobilenet(num_classes: int = 4) -> torch.nn.Module:
+    """Keypoint R-CNN (5 keypoints) on a small backbone."""
+    from torchvision.models.detection import KeypointRCNN
+
+    return KeypointRCNN(num_classes=num_classes, num_keypoints=5, **_mobilenet_fpn())
 
 
 def build(name: str, size: int | None = None) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -42,10 +72,12 @@ def same_detections(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], size
         free[int(ok.nonzero()[0])] = False
 
 
-HEAVY = {"ssd300_vgg16", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"}  # ~10 s each on 2 cores
+HEAVY = {"ssd300_vgg16", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
+         "keypointrcnn_resnet50_fpn"}  # ~10 s each on 2 cores
 
 
-@pytest.mark.parametrize("name", list(DETECTORS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("mask", "keypoint")) else n
+                                  for n in DETECTORS])
 def test_detector_analysed(name: str) -> None:
     """Backbone, neck and heads are prunable; what the task fixes (classes x anchors, box coordinates) is not."""
     det, x = build(name)
@@ -250,3 +282,53 @@ def test_detector_calibration_reaches_the_floor(monkeypatch, tmp_path) -> None:
     print(f"floor {truth(smallest):.3f} ms: predicted {lm.predict_plan(smallest):.3f} ms, "
           f"{mid.predict_plan(smallest):.3f} ms without it")
     assert floor_error < 0.5 * abs(mid.predict_plan(smallest) / truth(smallest) - 1)
+
+
+def test_coco_masks_round_trip(tiny_set, tmp_path) -> None:
+    """The generated set's instance masks (its items' ink) survive COCO's run-length encoding and the reader."""
+    from mdprune.detection.data import CocoDetection
+
+    ann = tiny_set.save_coco(tmp_path)
+    coco = CocoDetection(tmp_path / "images", ann, size=96, with_masks=True)
+    for (_, a), (_, b) in zip(tiny_set, coco, strict=True):
+        assert a["masks"].shape == (len(a["boxes"]), 96, 96) and a["masks"].sum() > 0
+        assert torch.equal(a["masks"], b["masks"])
+        for box, mask in zip(a["boxes"], a["masks"], strict=True):  # each box is tight around its mask
+            ys, xs = mask.nonzero(as_tuple=True)
+            assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_second_stage_timed_at_its_real_row_count() -> None:
+    """Faster R-CNN's box head runs on every RPN proposal: the core pools as many regions per image as the
+    detector's box head receives on the same images, so the tables time its layers at that row count."""
+    det, x = build("fasterrcnn_mobilenet_v3_large_fpn")
+    space = analyze_detector(det, x)
+    rows = []
+    hook = det.roi_heads.box_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    with torch.no_grad():
+        det.eval()(list(x))
+    hook.remove()
+    fc6 = next(o for o in space.ops if o.name.endswith("box_head.fc6"))
+    assert rows[0] > 8 and fc6.fixed["tokens"] * fc6.fixed["batch"] == rows[0]
+
+
+def test_mask_rcnn_prunes_on_masks(tiny_set, tmp_path) -> None:
+    """Mask R-CNN: importance from its loss dict, mask loss included (the generated set has masks), a solve,
+    a slim detector that still gives masks; data without masks is refused with a clear error."""
+    from mdprune.detection import prune_detector
+    from mdprune.detection.data import loader
+    from mdprune.detection.prune import detection_loss
+    from mdprune.train.data import DataError
+
+    torch.manual_seed(0)
+    det = create_detector("tests.test_detection:mask_rcnn_mobilenet", num_classes=tiny_set.num_classes,
+                          image_size=96, score_thresh=0.0)
+    slim, report = prune_detector(det, 96, "70%", data=loader(tiny_set, batch_size=2), settings=fast_settings(),
+                                  lut=tmp_path / "lut", importance_batches=1, verify_rounds=0)
+    assert report.params[1] < report.params[0]
+    with torch.no_grad():
+        out = slim.eval()([tiny_set[0][0]])[0]
+    assert out["masks"].shape[1:] == (1, 96, 96)
+    images, targets = next(iter(loader(tiny_set, batch_size=2)()))
+    with pytest.raises(DataError, match="masks"):
+        detection_loss(det.train(), images, [{k: t[k] for k in ("boxes", "labels")} for t in targets])

@@ -107,11 +107,12 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data(args: argparse.Namespace) -> tuple[Any, Any]:
+def _data(args: argparse.Namespace, need: set[str] = frozenset()) -> tuple[Any, Any]:
     from ..detection.data import open_detection_data
 
-    train = open_detection_data(args.data, args.image_size, "train")
-    val = open_detection_data(args.val_data or args.data, args.image_size, "val")
+    kw = {"with_masks": "masks" in need, "with_keypoints": "keypoints" in need}
+    train = open_detection_data(args.data, args.image_size, "train", **kw)
+    val = open_detection_data(args.val_data or args.data, args.image_size, "val", **kw)
     return train, val
 
 
@@ -119,10 +120,13 @@ def _prune(args: argparse.Namespace) -> int:
     from ..detection import finetune, prune_detector, save_detector
     from ..detection.data import loader
     from ..detection.metric import evaluate_map
+    from ..detection.prune import required_targets
     from ..report.detection import write_detection_report
 
     train, val = _data(args)
     det = _detector(args, train.num_classes)
+    if required_targets(det):  # Mask / Keypoint R-CNN: read the masks or keypoints too
+        train, val = _data(args, required_targets(det))
     data = loader(train, args.batch_size, shuffle=True)
     val_batches = loader(val, args.batch_size)
     before = evaluate_map(det, val_batches(), args.device)

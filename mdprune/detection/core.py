@@ -22,7 +22,7 @@ def analyze_detector(detector: nn.Module, images: torch.Tensor, *, family: Detec
     Layer names are core paths: ``detector.`` + the detector's own (``ignored_layers`` may be given either way).
     Raises AnalysisError if some layer of the detector outside the core would read pruned channels.
     """
-    core = DetectorCore(detector, family)
+    core = DetectorCore(detector, family, example=images)
     ignored = [n if n.startswith(PREFIX) else PREFIX + n for n in ignored_layers]
     space = analyze(core, images, steps=steps, ignored_layers=ignored, unsupported=unsupported, source=source)
     _check_covered(detector, space)

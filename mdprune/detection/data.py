@@ -3,7 +3,10 @@
 Every data set yields ``(image, target)``: a float image (3, H, W) in [0, 1] and ``{"boxes": (K, 4) float xyxy in
 pixels, "labels": (K,) int64}``, labels counted from 1 (0 is the background of SSD and Faster R-CNN). Images are
 resized to a square ``size`` (boxes scaled with them), so a batch is what the detector's transform passes on
-unchanged. :func:`loader` batches them as torchvision detectors expect (lists of images and targets).
+unchanged. Instance masks (``"masks"``: (K, H, W) uint8, what Mask R-CNN trains on) come with the generated set
+and, when asked (``with_masks``), from COCO segmentations; keypoints (``"keypoints"``: (K, P, 3) x, y,
+visibility, for Keypoint R-CNN) from COCO keypoint annotations (``with_keypoints``). :func:`loader` batches them
+as torchvision detectors expect (lists of images and targets).
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ class CocoDetection(Dataset):
     crowd annotations and boxes without area are skipped; images without any box are kept (negatives).
     """
 
-    def __init__(self, images: str | Path, annotations: str | Path, size: int = 320):
+    def __init__(self, images: str | Path, annotations: str | Path, size: int = 320, with_masks: bool = False,
+                 with_keypoints: bool = False):
         self.root, self.size = Path(images), size
+        self.with_masks, self.with_keypoints = with_masks, with_keypoints
         path = Path(annotations)
         if not path.is_file():
             raise DataError(f"COCO annotations {path} do not exist")
@@ -67,11 +72,13 @@ class CocoDetection(Dataset):
         self.classes = [c["name"] for c in cats]
         self.images = sorted(doc["images"], key=lambda im: im["id"])
         boxes: dict[int, list[tuple[list[float], int]]] = {im["id"]: [] for im in self.images}
+        self.anns: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in self.images}
         for a in doc["annotations"]:
             x, y, w, h = a["bbox"]
             if a.get("iscrowd", 0) or w <= 0 or h <= 0 or a["image_id"] not in boxes:
                 continue
             boxes[a["image_id"]].append(([x, y, x + w, y + h], self.label_of[a["category_id"]]))
+            self.anns[a["image_id"]].append(a)
         self.boxes = boxes
 
     @property
@@ -86,7 +93,51 @@ class CocoDetection(Dataset):
         im = self.images[i]
         x, sx, sy = _load_image(self.root / im["file_name"], self.size)
         items = self.boxes[im["id"]]
-        return x, _scaled(_target([b for b, _ in items], [c for _, c in items]), sx, sy)
+        t = _scaled(_target([b for b, _ in items], [c for _, c in items]), sx, sy)
+        anns = self.anns[im["id"]]
+        if self.with_masks:
+            h, w = im.get("height"), im.get("width")
+            t["masks"] = torch.stack([_coco_mask(a, h, w, self.size) for a in anns]) if anns else \
+                torch.zeros(0, self.size, self.size, dtype=torch.uint8)
+        if self.with_keypoints:
+            t["keypoints"] = _coco_keypoints(anns, sx, sy)
+        return x, t
+
+
+def _coco_mask(ann: dict[str, Any], h: int | None, w: int | None, size: int) -> torch.Tensor:
+    """An annotation's instance mask at ``size`` x ``size``: polygons drawn with PIL, RLE decoded by pycocotools."""
+    from PIL import Image, ImageDraw
+
+    seg = ann.get("segmentation")
+    if not seg:
+        raise DataError(f"COCO annotation {ann.get('id')} has no segmentation: Mask R-CNN needs instance masks")
+    if h is None or w is None:
+        raise DataError(f"COCO image {ann['image_id']} lacks width/height, needed to draw its masks")
+    if isinstance(seg, list):  # polygons
+        im = Image.new("L", (w, h), 0)
+        for poly in seg:
+            ImageDraw.Draw(im).polygon([(poly[k], poly[k + 1]) for k in range(0, len(poly) - 1, 2)], fill=1)
+    elif isinstance(seg.get("counts"), list):  # uncompressed run-length encoding: runs of 0s and 1s, column-major
+        runs = np.repeat(np.arange(len(seg["counts"])) % 2, seg["counts"]).astype(np.uint8)
+        im = Image.fromarray(np.ascontiguousarray(runs.reshape(seg["size"][1], seg["size"][0]).T))
+    else:  # compressed run-length encoding
+        try:
+            from pycocotools import mask as coco_mask
+        except ImportError as e:
+            raise DataError("compressed RLE masks need pycocotools (pip install mdprune[detection])") from e
+        im = Image.fromarray(coco_mask.decode(seg))
+    im = im.resize((size, size), Image.NEAREST)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+
+
+def _coco_keypoints(anns: list[dict[str, Any]], sx: float, sy: float) -> torch.Tensor:
+    """(K, P, 3) keypoints (x, y, visibility) scaled with the image; an error if an annotation has none."""
+    if any("keypoints" not in a for a in anns):
+        raise DataError("a COCO annotation has no keypoints: Keypoint R-CNN needs a person-keypoints file")
+    if not anns:
+        return torch.zeros(0, 0, 3)
+    k = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).reshape(len(anns), -1, 3)
+    return k * torch.tensor([sx, sy, 1.0])
 
 
 class VOCDetection(Dataset):
@@ -147,7 +198,8 @@ class GeneratedDetection(Dataset):
 
     Each image holds 1 to ``max_objects`` items of ``classes`` classes (labels 1..classes), each scaled to a
     random size between ``min_item`` and ``max_item`` pixels, at random places (overlaps allowed, boxes tight
-    around the item's ink), on a background of low-amplitude noise; items are tinted with a random colour.
+    around the item's ink, instance masks its ink), on a background of low-amplitude noise; items are tinted with
+    a random colour.
     Everything is drawn from ``seed``: the same arguments give the same set.
     """
 
@@ -171,7 +223,7 @@ class GeneratedDetection(Dataset):
     def _draw(self, g: torch.Generator, max_objects: int, lo: int, hi: int) -> tuple[torch.Tensor, Target]:
         s = self.size
         canvas = 0.1 * torch.rand(3, s, s, generator=g)
-        boxes, labels = [], []
+        boxes, labels, masks = [], [], []
         for _ in range(int(torch.randint(1, max_objects + 1, (1,), generator=g))):
             k = int(torch.randint(len(self.items), (1,), generator=g))
             side = int(torch.randint(lo, hi + 1, (1,), generator=g))
@@ -188,7 +240,12 @@ class GeneratedDetection(Dataset):
             (ya, xa), (yb, xb) = ink.min(0).values.tolist(), ink.max(0).values.tolist()
             boxes.append([x0 + xa, y0 + ya, x0 + xb + 1, y0 + yb + 1])
             labels.append(int(self.item_labels[k]) + 1)
-        return canvas, _target(boxes, labels)
+            mask = torch.zeros(s, s, dtype=torch.uint8)
+            mask[y0:y0 + side, x0:x0 + side] = item > 0.2
+            masks.append(mask)
+        t = _target(boxes, labels)
+        t["masks"] = torch.stack(masks) if masks else torch.zeros(0, s, s, dtype=torch.uint8)
+        return canvas, t
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -207,13 +264,22 @@ class GeneratedDetection(Dataset):
             name = f"{i:05d}.png"
             Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(root / "images" / name)
             images.append({"id": i, "file_name": name, "width": self.size, "height": self.size})
-            for b, c in zip(t["boxes"].tolist(), t["labels"].tolist(), strict=True):
+            for b, c, m in zip(t["boxes"].tolist(), t["labels"].tolist(), t["masks"], strict=True):
                 anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c, "iscrowd": 0,
-                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])})
+                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1]),
+                             "segmentation": _rle(m)})
         cats = [{"id": i + 1, "name": n} for i, n in enumerate(self.classes)]
         path = root / "instances.json"
         path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
         return path
+
+
+def _rle(mask: torch.Tensor) -> dict[str, Any]:
+    """A (H, W) mask as COCO's uncompressed run-length encoding: column-major runs, the first one of 0s."""
+    flat = mask.T.reshape(-1).numpy().astype(np.uint8)
+    bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [len(flat)]])
+    counts = np.diff(bounds).tolist()
+    return {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + counts}
 
 
 def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
@@ -244,17 +310,23 @@ def _limited(dl: DataLoader, n: int) -> list[Any]:
     return out
 
 
-def open_detection_data(spec: str, size: int, split: str = "train") -> Dataset:
+def open_detection_data(spec: str, size: int, split: str = "train", with_masks: bool = False,
+                        with_keypoints: bool = False) -> Dataset:
     """A data set from a spec: ``generated[:N]``, ``coco:IMAGES:ANNOTATIONS``, or ``voc:ROOT`` (``split`` picks
-    the VOC image set, and the generated set's draw: train and val use other seeds)."""
+    the VOC image set, and the generated set's draw: train and val use other seeds). ``with_masks`` /
+    ``with_keypoints``: targets carry instance masks / keypoints (an error where the set has none)."""
     kind, _, rest = spec.partition(":")
     if kind == "generated":
         n = int(rest) if rest else 256
+        if with_keypoints:
+            raise DataError("the generated set has no keypoints: Keypoint R-CNN needs COCO person keypoints")
         return GeneratedDetection(n=n if split == "train" else max(n // 4, 16), size=size,
                                   seed=0 if split == "train" else 1, train=split == "train")
     if kind == "coco":
         images, _, ann = rest.partition(":")
-        return CocoDetection(images, ann, size)
+        return CocoDetection(images, ann, size, with_masks, with_keypoints)
     if kind == "voc":
+        if with_masks or with_keypoints:
+            raise DataError("the Pascal VOC reader gives boxes only: Mask and Keypoint R-CNN need COCO-format data")
         return VOCDetection(rest, split, size)
     raise DataError(f"cannot read detection data {spec!r}: use generated[:N], coco:IMAGES:ANNOTATIONS or voc:ROOT")

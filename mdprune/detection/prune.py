@@ -37,8 +37,27 @@ Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 def detection_loss(detector: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
                    ) -> torch.Tensor:
     """The sum of the detector's loss dict (training mode)."""
+    missing = required_targets(detector) - set(targets[0]) if targets else set()
+    if missing:
+        from ..train.data import DataError
+
+        raise DataError(f"{type(detector).__name__} trains on {sorted(missing)} in its targets, which this data "
+                        "lacks: give COCO-format data with segmentations (masks) or person keypoints (keypoints); "
+                        "the generated set has masks")
     losses = detector(images, targets)
     return sum(losses.values())
+
+
+def required_targets(detector: nn.Module) -> set[str]:
+    """What a detector's training targets need beyond boxes and labels: ``masks`` (Mask R-CNN), ``keypoints``
+    (Keypoint R-CNN)."""
+    heads = getattr(detector, "roi_heads", None)
+    need = set()
+    if heads is not None and getattr(heads, "mask_head", None) is not None:
+        need.add("masks")
+    if heads is not None and getattr(heads, "keypoint_head", None) is not None:
+        need.add("keypoints")
+    return need
 
 
 def _to(batch: Batch, device: torch.device | str) -> Batch:

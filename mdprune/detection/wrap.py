@@ -80,12 +80,15 @@ def _import(path: str) -> type | None:
 class DetectorCore(nn.Module):
     """Images (already transformed: normalised, resized, batched) -> the heads' raw outputs, as a tuple."""
 
-    def __init__(self, detector: nn.Module, family: DetectorFamily | None = None):
+    def __init__(self, detector: nn.Module, family: DetectorFamily | None = None,
+                 example: torch.Tensor | None = None):
         super().__init__()
         self.detector = detector
         self.family = family or family_of(detector)
+        self.example = example  # transformed images the detector will be analysed on (families may read them)
         if self.family.prepare is not None:
             self.family.prepare(self)
+        self.example = None
         self.train(detector.training)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -112,9 +115,11 @@ register_family(DetectorFamily(
 # ---- two-stage: Faster R-CNN ---------------------------------------------------------------------------------
 
 class FixedRoIPool(nn.Module):
-    """The detector's RoI pooling on a fixed set of boxes (a grid of sizes over the image), so that the box head
+    """The detector's RoI pooling on a fixed set of boxes (centred, of ``boxes`` sizes), so that the box head
     joins the traced core: its first layer's input channels are the pooled feature maps' channels. Used only
-    in the core; the full detector pools its real proposals with its own pooling module."""
+    in the core; the full detector pools its real proposals with its own pooling module. ``boxes`` is the
+    number of regions per image the detector's head runs on (see :func:`roi_counts`), so that the latency
+    tables time the head at the row count it really has."""
 
     def __init__(self, pool: nn.Module, boxes: int = 8):
         super().__init__()
@@ -145,8 +150,38 @@ def _roi_channels(prop, node: fx.Node, m: FixedRoIPool) -> Chan:  # noqa: ANN001
 register_layer(FixedRoIPool, channels=_roi_channels, subclasses="exact", name="fixed_roi_pool")
 
 
+@torch.no_grad()
+def roi_counts(detector: nn.Module, images: torch.Tensor | None) -> dict[str, int]:
+    """Regions per image the second stage runs on, for transformed ``images`` in eval mode: ``box`` (the RPN's
+    proposals, which the box head classifies) and ``mask`` / ``keypoint`` (the detections those heads run on).
+    Counted, not read from the settings: the RPN keeps at most its ``post_nms_top_n`` but at small image sizes
+    has fewer anchors than that, and the score threshold sets how many detections remain. 8 of each without
+    images (or when none is found)."""
+    if images is None:
+        return {"box": 8, "mask": 8, "keypoint": 8}
+    was = detector.training
+    detector.eval()
+    try:
+        sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        feats = detector.backbone(images)
+        if isinstance(feats, torch.Tensor):
+            feats = OrderedDict([("0", feats)])
+        from torchvision.models.detection.image_list import ImageList
+
+        proposals, _ = detector.rpn(ImageList(images, sizes), feats)
+        rh = detector.roi_heads
+        boxes, scores, labels = rh.postprocess_detections(*rh.box_predictor(rh.box_head(
+            rh.box_roi_pool(feats, proposals, sizes))), proposals, sizes)
+    finally:
+        detector.train(was)
+    per_image = max(1, round(sum(len(p) for p in proposals) / len(proposals)))
+    detections = max(1, round(sum(len(b) for b in boxes) / len(boxes)))
+    return {"box": per_image, "mask": detections, "keypoint": detections}
+
+
 def _rcnn_prepare(core: DetectorCore) -> None:
-    core.roi_pool = FixedRoIPool(core.detector.roi_heads.box_roi_pool)
+    core.roi_counts = roi_counts(core.detector, core.example)
+    core.roi_pool = FixedRoIPool(core.detector.roi_heads.box_roi_pool, core.roi_counts["box"])
 
 
 def _rcnn_heads(core: DetectorCore, features: OrderedDict[str, torch.Tensor], images: torch.Tensor
@@ -161,3 +196,34 @@ def _rcnn_heads(core: DetectorCore, features: OrderedDict[str, torch.Tensor], im
 register_family(DetectorFamily(
     "two_stage", ("torchvision.models.detection.faster_rcnn.FasterRCNN",), _rcnn_heads,
     ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression"), _rcnn_prepare))
+
+
+# ---- two-stage with a second RoI head: Mask R-CNN (masks), Keypoint R-CNN (keypoints) -------------------------
+
+def _second_head(kind: str) -> tuple[Callable[[DetectorCore], None], HeadsFn]:
+    """Faster R-CNN's heads and the ``kind`` head (``mask`` or ``keypoint``): the detector's own RoI pooling of
+    that head on the fixed boxes, its convolutions, its predictor."""
+
+    def prepare(core: DetectorCore) -> None:
+        _rcnn_prepare(core)
+        core.add_module(f"{kind}_pool", FixedRoIPool(getattr(core.detector.roi_heads, f"{kind}_roi_pool"),
+                                                     core.roi_counts[kind]))
+
+    def heads(core: DetectorCore, features: OrderedDict[str, torch.Tensor], images: torch.Tensor
+              ) -> tuple[torch.Tensor, ...]:
+        rh = core.detector.roi_heads
+        pooled = getattr(core, f"{kind}_pool")(features, images)
+        logits = getattr(rh, f"{kind}_predictor")(getattr(rh, f"{kind}_head")(pooled))
+        return (*_rcnn_heads(core, features, images), logits)
+
+    return prepare, heads
+
+
+_mask_prepare, _mask_heads = _second_head("mask")
+register_family(DetectorFamily(
+    "mask_rcnn", ("torchvision.models.detection.mask_rcnn.MaskRCNN",), _mask_heads,
+    ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression", "mask_logits"), _mask_prepare))
+_keypoint_prepare, _keypoint_heads = _second_head("keypoint")
+register_family(DetectorFamily(
+    "keypoint_rcnn", ("torchvision.models.detection.keypoint_rcnn.KeypointRCNN",), _keypoint_heads,
+    ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression", "keypoint_logits"), _keypoint_prepare))

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..importance import BLOCK_PREFIX, block_key, kept_value, share_key
 from ..latency import LatencyModel
+from ..layers.registry import latency_op
 from ..solve import CostTerm, DimChoice, Problem, Resource, Solution, minimum_usage, solve
 from ..space import Plan, PruningSpace, Seg, TensorAxes
 
@@ -243,6 +244,9 @@ def _split_macs(space: PruningSpace, op) -> list[tuple[str, tuple[str, ...], np.
         per = per if f["depthwise"] else per / f["groups"]
     elif op.kind == "linear":
         per = f["batch"] * f["tokens"]
+        pairs = list(itertools.product(((s,) for s in op.roles["in"]), op.roles["out"]))
+    elif set(op.roles) == {"in", "out"} and (lo := latency_op(op.kind)) is not None and lo.macs is not None:
+        per = float(lo.macs(f, {"in": 1, "out": 1}))  # another dense op (registered kinds): bilinear in its widths
         pairs = list(itertools.product(((s,) for s in op.roles["in"]), op.roles["out"]))
     else:
         raise ValueError(f"op {op.name} depends on more than 3 dimensions; at most 3 supported")
