@@ -65,7 +65,7 @@ part lut_validate_fp16_nhwc 120 "$PY" -m mdprune lut validate resnet18 --num-cla
 
 # 4b. does a finer grid shrink the table model's error at batch 256 fp16? (bench/gpu.sh validates on 3 widths
 #     per role; the same 4 random plans, seed 0, on 8)
-part lut_validate_resnet50_grid8 150 "$PY" -m mdprune lut validate resnet50 --num-classes 10 --device cuda \
+part lut_validate_resnet50_grid8 240 "$PY" -m mdprune lut validate resnet50 --num-classes 10 --device cuda \
     --batch 256 --dtype float16 --grid-points 8 --samples 4 --rounds 2 --reps 3 \
     --json "$OUT_DIR/validate_resnet50_grid8.json"
 

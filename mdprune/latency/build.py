@@ -26,7 +26,7 @@ from ..progress import progress_bar
 from ..space import Op, Plan, PruningSpace
 from .backends import Backend, backend_name, get_backend, require_cuda_provider
 from .loadwatch import LoadWatch
-from .model import LatencyModel
+from .model import LatencyModel, in_is_out
 from .ops import ROLES, op_bytes, op_module
 from .regimes import OFFDIAG, diagonal_points, regime_signature, without_flash
 from .table import LatencyTable, default_cache_dir, fingerprint, signature
@@ -359,7 +359,7 @@ def suspects(lm: LatencyModel, table: LatencyTable, settings: LatencySettings) -
     trend = not settings.cuda if settings.trend_recheck is None else settings.trend_recheck
     out, seen = [], set()
     for g in lm.grids:  # ops sharing a signature may have different grids: check each, each point once
-        depthwise = g.op.kind == "conv2d" and g.op.fixed["depthwise"]
+        depthwise = in_is_out(g.op)
         axes = [[int(w) for w in a] for a in (g.axes[1:] if depthwise else g.axes)]
 
         def point(idx: tuple[int, ...], axes: list[list[int]] = axes, dw: bool = depthwise) -> tuple[int, ...]:

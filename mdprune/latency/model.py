@@ -39,6 +39,11 @@ MAX_COMBINATIONS = 200_000
 MAX_TERM_DIMS = 3  # the most dimensions one solver cost term may depend on
 
 
+def in_is_out(op: Op) -> bool:
+    """An op whose input width is its output width (a depthwise convolution, 1d or 2d): measured at in == out."""
+    return bool(op.fixed.get("depthwise")) and set(op.roles) == {"in", "out"}
+
+
 class IncompleteTable(RuntimeError):
     """The table lacks points the model needs: build it (``mdprune lut build``) to fill them in."""
 
@@ -171,7 +176,7 @@ class LatencyModel:
                 frozen["in"] = op.widths(self.frozen_sizes)["in"]
         axes = []
         for r in roles:
-            if op.kind == "conv2d" and op.fixed["depthwise"] and r == "out":
+            if in_is_out(op) and r == "out":
                 axes.append(axes[0])  # in == out
             else:
                 axes.append(pick(role_widths(self.space, op.roles[r]), n))
@@ -201,7 +206,7 @@ class LatencyModel:
         seen, out = set(), []
         for g in self.grids:
             for p in g.points():
-                if g.op.kind == "conv2d" and g.op.fixed["depthwise"] and p[0] != p[1]:
+                if in_is_out(g.op) and p[0] != p[1]:
                     continue
                 if (g.sig, p) not in seen:
                     seen.add((g.sig, p))
@@ -224,7 +229,7 @@ class LatencyModel:
                 v = np.zeros(shape)
                 for idx in itertools.product(*[range(s) for s in shape]):
                     p = tuple(int(g.axes[k][i]) for k, i in enumerate(idx))
-                    if g.op.kind == "conv2d" and g.op.fixed["depthwise"]:
+                    if in_is_out(g.op):
                         p = (p[1], p[1])
                     v[idx] = self.table.get(g.sig, p)
                 vals.append(v)
@@ -254,7 +259,7 @@ class LatencyModel:
             q = [np.asarray(w[r]) for r in f.others]
             return float(_at(f.axes, f.a, q) + _at(f.axes, f.b, q) * (w[g.split] - f.w_min))
         q = [np.asarray(g.frozen.get(r, w[r])) for r in g.roles]
-        if g.op.kind == "conv2d" and g.op.fixed["depthwise"]:
+        if in_is_out(g.op):
             q[0] = q[1]
         return float(self._interp(i, q))
 
@@ -335,7 +340,7 @@ class LatencyModel:
         env = self._env(dims)
         q = [np.asarray(g.frozen[r]) if r in g.frozen else np.asarray(_width(g.op.roles[r], env, self.space))
              for r in g.roles]
-        if g.op.kind == "conv2d" and g.op.fixed["depthwise"]:
+        if in_is_out(g.op):
             q[0] = q[1]
         return dims, self.scale * np.asarray(self._interp(i, q))
 

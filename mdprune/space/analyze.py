@@ -56,7 +56,8 @@ def analyze(
     gm, prop, ignored = _propagate(model, inputs, tuple(ignored_layers), unsupported == "keep")
     for op in prop.ops:
         node = next(n for n in gm.graph.nodes if n.name == op.nodes[0])
-        if op.kind in ("conv2d", "conv_transpose2d", "linear") and node.op == "call_module" and node.target == op.name:
+        fusable = op.kind in ("conv2d", "conv1d", "conv_transpose2d", "linear")  # a norm and activation after
+        if fusable and node.op == "call_module" and node.target == op.name:
             op.fixed["epilogue"], covered = epilogue(gm, node)
             op.nodes = op.nodes + covered
     compute = {op.nodes[0] for op in prop.ops}
