@@ -156,6 +156,18 @@ class TimmAttention(_Adapter):
                       if gate is not None else None)
 
 
+class MetaFormerAttention(_Adapter):
+    """timm's MetaFormer ``Attention`` (CAFormer): fused qkv Linear, heads of ``head_dim``, no norms."""
+
+    kind = "metaformer"
+
+    def layout(self, m: nn.Module) -> Layout:
+        bias = "qkv.bias" if m.qkv.bias is not None else None
+        return Layout(self.kind, m.num_heads, m.head_dim, m.head_dim, Proj("qkv.weight", 0, bias, 0),
+                      Proj("qkv.weight", 1, bias, 1), Proj("qkv.weight", 2, bias, 2), "proj", float(m.scale),
+                      arg_names=_arg_names(m), attn_drop=_drop(m, "attn_drop"), proj_drop=_drop(m, "proj_drop"))
+
+
 class BeitAttention(_Adapter):
     """timm's BEiT ``Attention``: fused qkv with q_bias/v_bias, a per-block relative position bias table."""
 
@@ -354,6 +366,7 @@ def _timm_types() -> dict[type, _Adapter]:
     for module, name, adapter in (
             ("timm.layers", "Attention", TimmAttention()), ("timm.layers", "AttentionRope", EvaAttention()),
             ("timm.models.beit", "Attention", BeitAttention()), ("timm.models.eva", "EvaAttention", EvaAttention()),
+            ("timm.models.metaformer", "Attention", MetaFormerAttention()),
             ("timm.models.swin_transformer", "WindowAttention", TimmWindowAttention()),
             ("timm.models.swin_transformer_v2", "WindowAttention", TimmWindowAttentionV2()),
             ("timm.models.swin_transformer_v2_cr", "WindowMultiHeadAttention", TimmWindowAttentionV2Cr()),

@@ -65,6 +65,7 @@ class Propagation(Layouts):
         self.tensor_node: dict[str, str] = {}  # tensor -> node that uses it (call_module or get_attr)
         self.ops: list[RawOp] = []
         self.patches: list[RawPatch] = []
+        self.param_patches: list[tuple[fx.Node, int, str, int]] = []  # (node, literal index, tensor, its axis)
         self.normalized: dict[str, tuple[RawSeg, ...]] = {}
         self.attention: dict[str, dict[str, int]] = {}
         self.info: dict[str, Any] = {}
@@ -159,6 +160,10 @@ class Propagation(Layouts):
     def run(self) -> None:
         for node in self.gm.graph.nodes:
             self.info[node.name] = self._visit(node)
+        for node, index, tensor, axis in self.param_patches:  # a parameter's width written in a literal shape:
+            segs = self.bindings.get(tensor, {}).get(axis)  # patched once the axis is known to carry channels
+            if segs is not None:
+                self.patch(node, index, segs)
 
     def _visit(self, node: fx.Node) -> Any:
         """The node's value; a node mdprune cannot follow is recorded in ``problems`` and treated as opaque

@@ -274,10 +274,13 @@ def _reshape(prop: Propagation, node: fx.Node) -> Any:
     groups = _groups(src, out)
     if isinstance(v, ParamRef):
         axes: list[int | None] = [None] * len(out)
+        literal = _shape_args(node)
         for ga, gb in groups:
             if len(ga) != 1 or len(gb) != 1:
                 raise AnalysisError(f"{where(node)} reshapes parameter {v.tensor} across axes; not supported")
             axes[gb[0]] = v.axes[ga[0]]
+            if v.axes[ga[0]] is not None and len(literal) == len(out) and literal[gb[0]] == out[gb[0]] != 1:
+                prop.param_patches.append((node, gb[0], v.tensor, v.axes[ga[0]]))  # scale.view(320, 1, 1)
         return ParamRef(v.tensor, tuple(axes))
     if src[v.axis] == 1:  # one channel (a detector's centre-ness map): kept, and no channel axis after
         prop.protect(v.segs, f"{where(node)} reshapes a single-channel axis")
