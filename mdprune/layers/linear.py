@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,8 +25,12 @@ def linear_fixed(prop: Propagation, in_shape: tuple[int, ...], bias: bool) -> di
 
 
 def linear_channels(prop: Propagation, node: fx.Node, m: nn.Linear) -> Chan:
-    """Input features on weight axis 1; new output features (kind ``mlp`` on token sequences)."""
+    """Input features on weight axis 1; new output features (kind ``mlp`` on token sequences). A linear layer
+    whose input carries its channels on another axis mixes along that last axis (MLP-Mixer's token MLP over
+    ``x.transpose(1, 2)``): the channels pass through, its weights keep their widths (see :func:`_across`)."""
     x, in_shape = chan_input(prop, node, "features")
+    if x.axis != len(in_shape) - 1:
+        return _across(prop, node, m, x, in_shape)
     require_axis(node, x, -1, in_shape, "features")
     bind(prop, node, "weight", 1, x.segs, "in")
     out = new_channels(prop, node, m.out_features, "mlp" if len(in_shape) >= 3 else "linear")
@@ -34,6 +39,25 @@ def linear_channels(prop: Propagation, node: fx.Node, m: nn.Linear) -> Chan:
         bind(prop, node, "bias", 0, out, "out")
     add_op(prop, node, {"in": x, "out": out}, linear_fixed(prop, in_shape, m.bias is not None), "linear")
     return Chan(len(in_shape) - 1, out)
+
+
+def _across(prop: Propagation, node: fx.Node, m: nn.Linear, x: Chan, in_shape: tuple[int, ...]) -> Chan:
+    """The layer applied to every channel's row alike: its latency op scales with the channel count."""
+    batch = in_shape[0] if x.axis > 0 else 1
+    other = math.prod(n for i, n in enumerate(in_shape[:-1]) if i != x.axis) // batch
+    fixed = {"in": m.in_features, "out": m.out_features, "bias": m.bias is not None, "per_channel": other,
+             "batch": batch}
+    add_op(prop, node, {"rows": x}, fixed, "linear_across")
+    return Chan(x.axis, x.segs)
+
+
+def build_across(fixed: dict[str, Any], w: dict[str, int], batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    lin = nn.Linear(fixed["in"], fixed["out"], bias=fixed["bias"])
+    return lin, (torch.randn(batch, w["rows"] * fixed["per_channel"], fixed["in"]),)
+
+
+def across_macs(f: dict[str, Any], w: dict[str, int]) -> int:
+    return f["batch"] * f["per_channel"] * w["rows"] * f["in"] * f["out"]
 
 
 def resize_linear(new: nn.Linear, old: nn.Linear) -> None:
@@ -52,3 +76,11 @@ def linear_macs(f: dict[str, Any], w: dict[str, int]) -> int:
 
 LINEAR = builtin(LayerKind("linear", (nn.Linear, "timm.layers.Linear"), linear_channels, resize_linear,
                            LatencyOp(("in", "out"), build_linear, linear_macs)))
+
+
+def _never(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:  # the op kind below covers no module type
+    raise AssertionError("linear_across is added by the Linear rule only")
+
+
+LINEAR_ACROSS = builtin(LayerKind("linear_across", (), _never,
+                                  latency=LatencyOp(("rows",), build_across, across_macs)))

@@ -158,8 +158,21 @@ def _norm_dims(d: Any, n: int) -> list[int]:
 
 def _binary(prop: Propagation, node: fx.Node) -> Any:
     a, b = node.args[0], _arg(node, 1, "other")
-    va, vb, sa, sb = prop.value(a), prop.value(b), _shape(a), _shape(b)
-    out = node.meta.get("mdp_shape")
+    return _combine(prop, node, prop.value(a), _shape(a), prop.value(b), _shape(b), node.meta.get("mdp_shape"))
+
+
+def _addcmul(prop: Propagation, node: fx.Node) -> Any:
+    """``torch.addcmul(input, t1, t2)`` / ``addcdiv``: ``input + value * t1 (* or /) t2``, two element-wise
+    combinations (ResMLP's affine ``addcmul(beta, alpha, x)``)."""
+    a, t1, t2 = node.args[0], _arg(node, 1, "tensor1"), _arg(node, 2, "tensor2")
+    s1, s2 = _shape(t1), _shape(t2)
+    s12 = tuple(torch.broadcast_shapes(s1, s2)) if s1 is not None and s2 is not None else (s1 or s2)
+    v12 = _combine(prop, node, prop.value(t1), s1, prop.value(t2), s2, s12)
+    return _combine(prop, node, prop.value(a), _shape(a), v12, s12, node.meta.get("mdp_shape"))
+
+
+def _combine(prop: Propagation, node: fx.Node, va: Any, sa: Any, vb: Any, sb: Any, out: Any) -> Any:
+    """The value of an element-wise combination of ``va`` (shape ``sa``) and ``vb`` (shape ``sb``)."""
     if isinstance(va, Chan) and isinstance(vb, Chan):
         if len(sa) - va.axis != len(sb) - vb.axis:
             raise AnalysisError(f"{where(node)} combines tensors whose channels are on different axes")
@@ -479,6 +492,8 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     **dict.fromkeys(SPATIAL, _spatial),
     **dict.fromkeys(REDUCE, _reduce),
     "cat": _cat,
+    "addcmul": _addcmul,
+    "addcdiv": _addcmul,
     "flatten": _flatten,
     "reshape": _reshape,
     "reshape_as": _reshape,
