@@ -198,7 +198,10 @@ def _combine(prop: Propagation, node: fx.Node, va: Any, sa: Any, vb: Any, sb: An
         other = sb if isinstance(va, ParamRef) else sa
         if other is None and s == out:  # parameter times a number: still the same parameter view
             return p
-        raise AnalysisError(f"{where(node)} combines parameter {p.tensor} with another tensor; not supported")
+        if isinstance(va, ParamRef) and isinstance(vb, ParamRef):
+            raise AnalysisError(f"{where(node)} combines parameters {va.tensor} and {vb.tensor}; not supported")
+        prop.unpruned_params.append((p.tensor, node))  # added to a tensor without channels (a position bias on
+        return None  # attention scores): the result has none; the parameter must stay whole (checked at the end)
     return None
 
 
@@ -483,6 +486,114 @@ def _softmax(prop: Propagation, node: fx.Node) -> Any:
     return elementwise_along(prop, node, node.args[0], _arg(node, 1, "dim"))
 
 
+# ---- attention written out: q @ k.transpose(-2, -1), softmax, @ v; F.scaled_dot_product_attention ----------------
+# The per-head widths are channels (a reshape into heads ties the heads' columns): q and k are contracted over the
+# same q/k columns (pruned alike, the product is unchanged), and the values' columns pass to the output. Heads
+# are kept; the softmax scale written in the code (or made explicit for scaled_dot_product_attention) stays the
+# dense one, as MDP prescribes.
+
+def _matmul(prop: Propagation, node: fx.Node) -> Any:
+    a, b = node.args[0], _arg(node, 1, "other")
+    va, vb, sa, sb = prop.value(a), prop.value(b), _shape(a), _shape(b)
+    if not isinstance(va, Chan) and not isinstance(vb, Chan):
+        if isinstance(va, ParamRef) or isinstance(vb, ParamRef):
+            return None if not _bound_somewhere(prop, va, vb) else _fail(node, "multiplies a pruned parameter")
+        return None
+    if isinstance(va, ParamRef) or isinstance(vb, ParamRef) or len(sa) < 2 or len(sb) < 2:
+        return _fail(node, "multiplies channels by a parameter or a vector (a hand-written linear layer)")
+    fa = len(sa) - va.axis if isinstance(va, Chan) else 0  # 1: contracted, 2: rows, more: a batch axis
+    fb = len(sb) - vb.axis if isinstance(vb, Chan) else 0  # 2: contracted, 1: columns, more: a batch axis
+    out = node.meta["mdp_shape"]
+    if fa == 1 or fb == 2:
+        if not (fa == 1 and fb == 2):
+            return _fail(node, "contracts channels with a tensor mdprune cannot follow")
+        prop.unify(va.segs, vb.segs, node)
+        prop.contractions[node.name] = (va.segs, sa)
+        return None
+    if fa > 2 or fb > 2:
+        return _fail(node, "multiplies matrices batched over channels")
+    if fa and fb:
+        return _fail(node, "makes a matrix of channels by channels")
+    if fb == 1:
+        _attention_core(prop, node, a, vb.segs, sb)
+        return Chan(len(out) - 1, vb.segs)
+    return Chan(len(out) - 2, va.segs)
+
+
+def _bound_somewhere(prop: Propagation, *values: Any) -> bool:
+    return any(isinstance(v, ParamRef) and any(ax in prop.bindings.get(v.tensor, {}) for ax in v.axes
+                                               if ax is not None) for v in values)
+
+
+def _attention_core(prop: Propagation, node: fx.Node, probs: Any, v_segs: tuple[RawSeg, ...],
+                    v_shape: tuple[int, ...]) -> None:
+    """``probs @ v`` where ``probs`` comes (through softmax, scaling, dropout, a bias) from a q @ k^T product:
+    the attention op of the latency tables, at the query and key counts and heads of this call."""
+    seen, n = probs, 0
+    while isinstance(seen, fx.Node) and seen.name not in prop.contractions and n < 8:
+        seen = next((x for x in seen.all_input_nodes if x.meta.get("mdp_shape") == seen.meta.get("mdp_shape")),
+                    None)
+        n += 1
+    if not isinstance(seen, fx.Node) or seen.name not in prop.contractions:
+        return
+    qk, q_shape = prop.contractions[seen.name]
+    _core_op(prop, node, qk, v_segs, q_shape, v_shape, bias=n > 0 and _has_add(probs, seen))
+
+
+def _has_add(end: fx.Node, start: fx.Node) -> bool:
+    node = end
+    while node is not start and isinstance(node, fx.Node):
+        if op_name(node) in ("add", "iadd", "add_"):
+            return True
+        node = node.args[0] if node.args else None
+    return False
+
+
+def _core_op(prop: Propagation, node: fx.Node, qk: tuple[RawSeg, ...], v: tuple[RawSeg, ...],
+             q_shape: tuple[int, ...], kv_shape: tuple[int, ...], bias: bool) -> None:
+    heads = q_shape[-3] if len(q_shape) >= 3 else 1
+    rows = math.prod(q_shape[:-3]) if len(q_shape) > 3 else (q_shape[0] if len(q_shape) == 3 else 1)
+    if len(q_shape) == 3:  # (batch x heads, tokens, width): heads folded into the batch
+        heads, rows = 1, q_shape[0]
+    fixed: dict[str, Any] = {"tokens": q_shape[-2], "tokens_kv": kv_shape[-2], "batch": rows}
+    if prop.batch and rows != prop.batch and rows % prop.batch == 0:
+        fixed["windows"] = rows // prop.batch
+    if bias:
+        fixed["bias"] = True
+    for segs, kind in ((qk, "qk"), (v, "v")):  # their pruning steps and importance criteria: attention's
+        for sid in {prop.find(i) for seg in segs for i in seg.spaces}:
+            if prop.spaces[sid].kind in ("mlp", "linear", "channel"):
+                prop.spaces[sid].kind = kind
+    h = prop.new_space(heads, "heads", f"{node.name}:heads", protected=f"{where(node)}: heads of attention "
+                       "written out (kept)")
+    prop.add_op(node.name, "attention", {"heads": (RawSeg((h,)),), "qk": qk, "v": v}, fixed, node)
+
+
+def _sdpa(prop: Propagation, node: fx.Node) -> Any:
+    """``F.scaled_dot_product_attention(q, k, v)``: q and k contracted over the same columns, v's to the output;
+    the default scale ``1 / sqrt(q width)`` is written into the call, so the slim model keeps the dense one."""
+    q, k, v = node.args[0], _arg(node, 1, "key"), _arg(node, 2, "value")
+    vals = [prop.value(t) for t in (q, k, v)]
+    if not any(isinstance(x, Chan) for x in vals):
+        return None
+    shapes = [_shape(t) for t in (q, k, v)]
+    if not all(isinstance(x, Chan) and x.axis == len(s) - 1 for x, s in zip(vals, shapes, strict=True)):
+        return _fail(node, "attends with channels on other axes than q's, k's and v's last")
+    if isinstance(prop.value(_arg(node, 3, "attn_mask")), (Chan, ParamRef)):
+        return _fail(node, "takes a mask that carries channels")
+    prop.unify(vals[0].segs, vals[1].segs, node)
+    dense_scale = shapes[0][-1] ** -0.5
+    if len(node.args) > 6 and node.args[6] is None:
+        node.args = (*node.args[:6], dense_scale, *node.args[7:])
+        prop.gm.recompile()
+    elif len(node.args) <= 6 and node.kwargs.get("scale") is None:
+        node.kwargs = {**node.kwargs, "scale": dense_scale}
+        prop.gm.recompile()
+    _core_op(prop, node, vals[0].segs, vals[2].segs, shapes[0], shapes[1],
+             bias=_arg(node, 3, "attn_mask") is not None)
+    return Chan(len(node.meta["mdp_shape"]) - 1, vals[2].segs)
+
+
 def _fail(node: fx.Node, what: str) -> Any:
     raise AnalysisError(f"{where(node)} {what}; not supported")
 
@@ -511,6 +622,9 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "getitem": _getitem,
     "softmax": _softmax,
     "normalize": _normalize,
+    "matmul": _matmul,
+    "bmm": _matmul,
+    "scaled_dot_product_attention": _sdpa,
     "log_softmax": _softmax,
 }
 _RULES.update(SPLIT_RULES)

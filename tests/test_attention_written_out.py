@@ -1,0 +1,80 @@
+"""Attention written out in a model's own code (no adapter): ``q @ k.transpose(-2, -1) * scale``, softmax,
+``@ v``, or ``F.scaled_dot_product_attention``. The q/k and v widths per head prune exactly (heads kept), the
+softmax scale stays the dense one, and the latency tables get an attention op. A fused qkv reshaped into
+(3, heads, width) ties q, k and v to one width per head (timm's ``Attention`` adapter prunes them apart)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mdprune
+
+from .conftest import check_exact, randomize_norms
+
+
+class HandAttention(nn.Module):
+    def __init__(self, dim: int = 64, heads: int = 2, fused: bool = False, bias: bool = False):
+        super().__init__()
+        self.heads, self.hd, self.fused = heads, dim // heads, fused
+        self.scale = self.hd ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(1, heads, 16, 16) * 0.1) if bias else None  # 16 tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v)  # the default scale: 1 / sqrt(q width)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            if self.bias is not None:
+                attn = attn + self.bias
+            o = attn.softmax(dim=-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(b, n, -1))  # (with c the v width would be kept whole)
+
+
+class TinyViT(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 64, 4, 4)
+        self.norm1 = nn.LayerNorm(64)
+        self.attn = HandAttention(**kw)
+        self.norm2 = nn.LayerNorm(64)
+        self.mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("kw", [{}, {"fused": True}, {"bias": True}])
+def test_hand_written_attention_prunes_exactly(kw: dict) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(TinyViT(**kw)).eval()
+    space = check_exact(model, torch.randn(2, 3, 16, 16), seeds=(1, 2, 3))
+    core = [o for o in space.ops if o.kind == "attention"]
+    assert len(core) == 1 and core[0].fixed["tokens"] == 16 and bool(core[0].fixed.get("bias")) == ("bias" in kw)
+    heads = space.dims[core[0].roles["heads"][0].dims[0]]
+    assert not heads.prunable and heads.size == 2  # heads are kept
+    qk, v = (space.dims[core[0].roles[r][0].dims[0]] for r in ("qk", "v"))
+    assert qk.prunable and v.prunable and qk.kind == "qk"
+    # one fused qkv reshaped as (3, heads, width) ties the three parts' widths: q/k and v prune together here
+    assert qk.name == v.name
+    slim = mdprune.slim(space, mdprune.Plan.smallest(space))
+    assert slim.get_submodule("attn.qkv").out_features < 192
+
+
+@pytest.mark.parametrize("name, size", [("visformer_tiny", 224), ("pvt_v2_b0", 64)])
+def test_timm_models_with_written_out_attention(name: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    space = check_exact(model, torch.randn(1, 3, size, size), seeds=(1,))
+    assert any(o.kind == "attention" for o in space.ops)
