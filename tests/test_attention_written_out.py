@@ -72,8 +72,10 @@ def test_hand_written_attention_prunes_exactly(kw: dict) -> None:
     assert slim.get_submodule("attn.qkv").out_features < 192
 
 
-@pytest.mark.parametrize("name, size", [("visformer_tiny", 224), ("pvt_v2_b0", 64)])
+@pytest.mark.parametrize("name, size", [("visformer_tiny", 224), ("pvt_v2_b0", 64), ("tiny_vit_5m_224", 224)])
 def test_timm_models_with_written_out_attention(name: str, size: int) -> None:
+    """Visformer (q @ k^T written out), PVT v2 (spatial-reduction keys and values), TinyViT (learnt attention
+    biases picked by an index tensor and passed as the mask: kept whole)."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).eval()
     space = check_exact(model, torch.randn(1, 3, size, size), seeds=(1,))

@@ -66,7 +66,8 @@ class Propagation(Layouts):
         self.ops: list[RawOp] = []
         self.patches: list[RawPatch] = []
         self.param_patches: list[tuple[fx.Node, int, str, int]] = []  # (node, literal index, tensor, its axis)
-        self.unpruned_params: list[tuple[str, fx.Node]] = []  # parameters used where channels cannot follow
+        self.unpruned_params: list[tuple[str, fx.Node, int | None]] = []  # (tensor, where, axis; None: all) used
+        # where channels cannot follow
         self.contractions: dict[str, tuple[tuple[RawSeg, ...], tuple[int, ...]]] = {}  # q @ k^T: q/k columns
         self.normalized: dict[str, tuple[RawSeg, ...]] = {}
         self.attention: dict[str, dict[str, int]] = {}
@@ -166,9 +167,10 @@ class Propagation(Layouts):
             segs = self.bindings.get(tensor, {}).get(axis)  # patched once the axis is known to carry channels
             if segs is not None:
                 self.patch(node, index, segs)
-        for tensor, node in self.unpruned_params:
-            for segs in self.bindings.get(tensor, {}).values():
-                self.protect(segs, f"{where(node)} uses {tensor} with a tensor without channels")
+        for tensor, node, axis in self.unpruned_params:
+            for ax, segs in self.bindings.get(tensor, {}).items():
+                if axis is None or ax == axis:
+                    self.protect(segs, f"{where(node)} uses {tensor} where channels cannot follow")
 
     def _visit(self, node: fx.Node) -> Any:
         """The node's value; a node mdprune cannot follow is recorded in ``problems`` and treated as opaque

@@ -188,9 +188,10 @@ def _combine(prop: Propagation, node: fx.Node, va: Any, sa: Any, vb: Any, sb: An
         back = len(sa) - va.axis  # channel axis counted from the right
         if sb is not None and back <= len(sb) and sb[-back] != 1:
             j = len(sb) - back
-            if not isinstance(vb, ParamRef) or vb.axes[j] is None:
-                raise AnalysisError(f"{where(node)} combines channels with a tensor mdprune cannot follow")
-            prop.bind(vb.tensor, vb.axes[j], va.segs, node, "param")
+            if isinstance(vb, ParamRef) and vb.axes[j] is not None:
+                prop.bind(vb.tensor, vb.axes[j], va.segs, node, "param")
+            else:  # a tensor without channels along that axis (attention scores, a literal): kept whole
+                prop.protect(va.segs, f"{where(node)} combines them with a tensor whose entries are not channels")
         return va.moved(len(out) - back)
     if isinstance(va, ParamRef) or isinstance(vb, ParamRef):
         p = va if isinstance(va, ParamRef) else vb
@@ -200,7 +201,7 @@ def _combine(prop: Propagation, node: fx.Node, va: Any, sa: Any, vb: Any, sb: An
             return p
         if isinstance(va, ParamRef) and isinstance(vb, ParamRef):
             raise AnalysisError(f"{where(node)} combines parameters {va.tensor} and {vb.tensor}; not supported")
-        prop.unpruned_params.append((p.tensor, node))  # added to a tensor without channels (a position bias on
+        prop.unpruned_params.append((p.tensor, node, None))  # added to a tensor without channels (a bias on
         return None  # attention scores): the result has none; the parameter must stay whole (checked at the end)
     return None
 
@@ -308,6 +309,16 @@ def _reshape(prop: Propagation, node: fx.Node) -> Any:
     return new
 
 
+def _gather_param(prop: Propagation, node: fx.Node, v: ParamRef, axis: int) -> ParamRef:
+    """``table[:, index]``: a parameter's entries picked along ``axis`` by an index tensor (a relative position
+    bias table). The picked axis becomes the index's axes, which carry no channels; the table's other axes
+    follow as before, and the picked one is kept whole."""
+    out = node.meta["mdp_shape"]
+    new = len(out) - (len(v.axes) - 1)
+    prop.unpruned_params.append((v.tensor, node, v.axes[axis]))
+    return ParamRef(v.tensor, v.axes[:axis] + (None,) * new + v.axes[axis + 1:])
+
+
 def _permute_value(v: Any, order: list[int]) -> Any:
     if isinstance(v, Chan):
         return v.moved(order.index(v.axis))
@@ -376,7 +387,15 @@ def _getitem(prop: Propagation, node: fx.Node) -> Any:
         return None
     src = _shape(base)
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in idx):
+    tensors = [k for k, i in enumerate(idx) if isinstance(i, (fx.Node, torch.Tensor, list))]
+    simple = len(tensors) == 1 and Ellipsis not in idx and all(
+        i == slice(None) for k, i in enumerate(idx) if k != tensors[0])
+    if simple and isinstance(v, ParamRef):
+        return _gather_param(prop, node, v, tensors[0])
+    if simple and isinstance(v, Chan) and tensors[0] != v.axis and len(idx) <= len(src):
+        added = len(node.meta["mdp_shape"]) - len(src)  # the index's axes replace the one it picks along
+        return v.moved(v.axis if v.axis < tensors[0] else v.axis + added)
+    if tensors:
         raise AnalysisError(f"{where(node)} indexes channels with a tensor; not supported")
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
@@ -579,8 +598,11 @@ def _sdpa(prop: Propagation, node: fx.Node) -> Any:
     shapes = [_shape(t) for t in (q, k, v)]
     if not all(isinstance(x, Chan) and x.axis == len(s) - 1 for x, s in zip(vals, shapes, strict=True)):
         return _fail(node, "attends with channels on other axes than q's, k's and v's last")
-    if isinstance(prop.value(_arg(node, 3, "attn_mask")), (Chan, ParamRef)):
-        return _fail(node, "takes a mask that carries channels")
+    mask = prop.value(_arg(node, 3, "attn_mask"))
+    if isinstance(mask, Chan):  # a bias computed per head by a layer (a position MLP's outputs): kept whole
+        prop.protect(mask.segs, f"{where(node)} adds them to attention scores")
+    if isinstance(mask, ParamRef):  # learnt attention biases passed as the mask: kept whole
+        prop.unpruned_params.append((mask.tensor, node, None))
     prop.unify(vals[0].segs, vals[1].segs, node)
     dense_scale = shapes[0][-1] ** -0.5
     if len(node.args) > 6 and node.args[6] is None:
