@@ -41,6 +41,8 @@ MODELS = [
     "timm:cspresnet50", "timm:ghostnet_100", "timm:resnet50d", "timm:seresnet50",
     "timm:deit_tiny_distilled_patch16_224", "timm:vit_small_patch16_224?class_token=False&global_pool=avg",
     "timm:resnetv2_50x1_bit", "timm:nf_regnet_b0", "timm:convnext_atto_rms",
+    "timm:caformer_s18", "timm:mixer_s16_224", "timm:resmlp_12_224", "timm:gmlp_ti16_224", "timm:ecaresnet26t",
+    "timm:visformer_tiny", "timm:pvt_v2_b0", "timm:tiny_vit_5m_224", "timm:twins_svt_small",
 ]
 
 

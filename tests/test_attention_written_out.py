@@ -80,3 +80,24 @@ def test_timm_models_with_written_out_attention(name: str, size: int) -> None:
     model = timm.create_model(name, num_classes=10).eval()
     space = check_exact(model, torch.randn(1, 3, size, size), seeds=(1,))
     assert any(o.kind == "attention" for o in space.ops)
+
+
+class PickTokens(nn.Module):
+    """Tokens picked by an index buffer (``x[:, idx]``): the channels pass on their axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 4, 4)
+        self.register_buffer("idx", torch.tensor([0, 3, 5, 6, 9]))
+        self.fc = nn.Linear(32, 48)
+        self.head = nn.Linear(48, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)[:, self.idx]
+        return self.head(self.fc(t).relu().mean(1))
+
+
+def test_tokens_picked_by_an_index_tensor() -> None:
+    torch.manual_seed(0)
+    space = check_exact(PickTokens().eval(), torch.randn(2, 3, 16, 16), seeds=(1, 2))
+    assert {"embed", "fc"} <= {d.name for d in space.prunable_dims()}

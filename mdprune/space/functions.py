@@ -309,6 +309,15 @@ def _reshape(prop: Propagation, node: fx.Node) -> Any:
     return new
 
 
+def _integer_index(node: fx.Node, index: Any, src: tuple[int, ...]) -> bool:
+    """Whether ``index`` picks along one axis (integer indices, or a 1-d mask): the output then has the
+    index's axes in place of that one. A mask over several axes consumes them all: not followed."""
+    shape = index.meta.get("mdp_shape") if isinstance(index, fx.Node) else None
+    rank = len(shape) if isinstance(shape, tuple) else (1 if isinstance(index, list) else None)
+    out = node.meta.get("mdp_shape")
+    return rank is not None and isinstance(out, tuple) and len(out) == len(src) - 1 + rank
+
+
 def _gather_param(prop: Propagation, node: fx.Node, v: ParamRef, axis: int) -> ParamRef:
     """``table[:, index]``: a parameter's entries picked along ``axis`` by an index tensor (a relative position
     bias table). The picked axis becomes the index's axes, which carry no channels; the table's other axes
@@ -389,7 +398,7 @@ def _getitem(prop: Propagation, node: fx.Node) -> Any:
     idx = idx if isinstance(idx, tuple) else (idx,)
     tensors = [k for k, i in enumerate(idx) if isinstance(i, (fx.Node, torch.Tensor, list))]
     simple = len(tensors) == 1 and Ellipsis not in idx and all(
-        i == slice(None) for k, i in enumerate(idx) if k != tensors[0])
+        i == slice(None) for k, i in enumerate(idx) if k != tensors[0]) and _integer_index(node, idx[tensors[0]], src)
     if simple and isinstance(v, ParamRef):
         return _gather_param(prop, node, v, tensors[0])
     if simple and isinstance(v, Chan) and tensors[0] != v.axis and len(idx) <= len(src):
