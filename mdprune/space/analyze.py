@@ -165,6 +165,10 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
         protected = None
         if any(m == i or m.startswith(i + ".") for m in modules for i in ignored):
             protected = "holds an ignored layer"
+        shared = sorted(m for m in {nodes[n].target for n in fb.region if nodes[n].op == "call_module"} - set(modules)
+                        if any(k.startswith(m + ".") for k in state))  # (a shared ReLU holds nothing: no matter)
+        if protected is None and shared:  # removing every call would drop the module: counts could not follow
+            protected = f"calls {shared[0]}, which other parts of the model call too"
         outer = next((by_add[o.add] for o in found if o is not fb and fb.add in o.region), None)
         if protected is None and outer is not None:  # its tensors and ops are counted with the outer block
             protected = f"nested in block {outer}"

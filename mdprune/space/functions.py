@@ -523,29 +523,63 @@ def _softmax(prop: Propagation, node: fx.Node) -> Any:
 def _matmul(prop: Propagation, node: fx.Node) -> Any:
     a, b = node.args[0], _arg(node, 1, "other")
     va, vb, sa, sb = prop.value(a), prop.value(b), _shape(a), _shape(b)
-    if not isinstance(va, Chan) and not isinstance(vb, Chan):
-        if isinstance(va, ParamRef) or isinstance(vb, ParamRef):
-            return None if not _bound_somewhere(prop, va, vb) else _fail(node, "multiplies a pruned parameter")
+    if isinstance(va, ParamRef) or isinstance(vb, ParamRef):
+        if isinstance(va, Chan) or isinstance(vb, Chan) or _bound_somewhere(prop, va, vb):
+            return _fail(node, "multiplies channels by a parameter (a hand-written linear layer)")
         return None
-    if isinstance(va, ParamRef) or isinstance(vb, ParamRef) or len(sa) < 2 or len(sb) < 2:
-        return _fail(node, "multiplies channels by a parameter or a vector (a hand-written linear layer)")
+    if not isinstance(sa, tuple) or not isinstance(sb, tuple) or len(sa) < 2 or len(sb) < 2:
+        return None if not (isinstance(va, Chan) or isinstance(vb, Chan)) else _fail(node, "multiplies a vector")
     fa = len(sa) - va.axis if isinstance(va, Chan) else 0  # 1: contracted, 2: rows, more: a batch axis
     fb = len(sb) - vb.axis if isinstance(vb, Chan) else 0  # 2: contracted, 1: columns, more: a batch axis
     out = node.meta["mdp_shape"]
-    if fa == 1 or fb == 2:
-        if not (fa == 1 and fb == 2):
-            return _fail(node, "contracts channels with a tensor mdprune cannot follow")
+
+    def whole(v: Chan, what: str) -> None:  # what cannot be followed is kept whole, exactly
+        prop.protect(v.segs, f"{where(node)} {what}")
+
+    if fa > 2:
+        whole(va, "multiplies matrices batched over them")
+        fa = 0
+    if fb > 2:
+        whole(vb, "multiplies matrices batched over them")
+        fb = 0
+    if (fa == 1) != (fb == 2):  # channels contracted with what is not channels
+        whole(va if fa == 1 else vb, "contracts them with a tensor whose entries are not channels")
+        fa, fb = (0, fb) if fa == 1 else (fa, 0)
+    if fa == 1:
         prop.unify(va.segs, vb.segs, node)
         prop.contractions[node.name] = (va.segs, sa)
+        _matmul_op(prop, node, va.segs, sa, sb, out, a_axis=-1, b_axis=-2)
         return None
-    if fa > 2 or fb > 2:
-        return _fail(node, "multiplies matrices batched over channels")
-    if fa and fb:
-        return _fail(node, "makes a matrix of channels by channels")
+    if fa and fb:  # a matrix of channels by channels (cross-covariance attention)
+        whole(va, "makes a matrix of channels by channels")
+        whole(vb, "makes a matrix of channels by channels")
+        fb = 0
     if fb == 1:
-        _attention_core(prop, node, a, vb.segs, sb)
+        if not _attention_core(prop, node, a, vb.segs, sb):
+            _matmul_op(prop, node, vb.segs, sa, sb, out, b_axis=-1, out_axis=-1)
         return Chan(len(out) - 1, vb.segs)
-    return Chan(len(out) - 2, va.segs)
+    if fa == 2:
+        _matmul_op(prop, node, va.segs, sa, sb, out, a_axis=-2, out_axis=-2)
+        return Chan(len(out) - 2, va.segs)
+    width = prop.new_space(sa[-1], "channel", f"{node.name}:k", protected=f"{where(node)}: a product without "
+                           "channels")  # (its cost counted, fixed)
+    _matmul_op(prop, node, (RawSeg((width,)),), sa, sb, out, a_axis=-1, b_axis=-2)
+    return None
+
+
+def _matmul_op(prop: Propagation, node: fx.Node, segs: tuple[RawSeg, ...], sa: tuple[int, ...],
+               sb: tuple[int, ...], out: tuple[int, ...], a_axis: int | None = None, b_axis: int | None = None,
+               out_axis: int | None = None) -> None:
+    """A written-out product's latency op and MACs, the width ``segs`` at the axes named (-1 in the shapes)."""
+    def tpl(shape: tuple[int, ...], axis: int | None) -> list[int]:
+        s = list(shape)
+        if axis is not None:
+            s[axis] = -1
+        return s
+    per_image = bool(prop.batch) and sa[0] % prop.batch == 0 and len(sa) > 2 and len(out) > 2
+    fixed = {"a": tpl(sa, a_axis), "b": tpl(sb, b_axis), "out": tpl(out, out_axis),
+             "k": -1 if a_axis == -1 else sa[-1], "per_image": per_image, "batch": prop.batch}
+    prop.add_op(node.name, "matmul", {"width": segs}, fixed, node)
 
 
 def _bound_somewhere(prop: Propagation, *values: Any) -> bool:
@@ -554,7 +588,7 @@ def _bound_somewhere(prop: Propagation, *values: Any) -> bool:
 
 
 def _attention_core(prop: Propagation, node: fx.Node, probs: Any, v_segs: tuple[RawSeg, ...],
-                    v_shape: tuple[int, ...]) -> None:
+                    v_shape: tuple[int, ...]) -> bool:
     """``probs @ v`` where ``probs`` comes (through softmax, scaling, dropout, a bias) from a q @ k^T product:
     the attention op of the latency tables, at the query and key counts and heads of this call."""
     seen, n = probs, 0
@@ -563,9 +597,11 @@ def _attention_core(prop: Propagation, node: fx.Node, probs: Any, v_segs: tuple[
                     None)
         n += 1
     if not isinstance(seen, fx.Node) or seen.name not in prop.contractions:
-        return
+        return False
     qk, q_shape = prop.contractions[seen.name]
+    prop.ops = [o for o in prop.ops if not (o.name == seen.name and o.kind == "matmul")]  # in the core's op
     _core_op(prop, node, qk, v_segs, q_shape, v_shape, bias=n > 0 and _has_add(probs, seen))
+    return True
 
 
 def _has_add(end: fx.Node, start: fx.Node) -> bool:

@@ -209,11 +209,13 @@ class PruningSpace:
         """Parameters of the model when dimensions keep ``sizes`` and the blocks in ``removed`` are gone."""
         sizes = sizes or self.dense_sizes()
         total = 0
+        owners = self._param_blocks
         for name, p in self.module.named_parameters():
+            if owners.get(name) and owners[name] <= set(removed):  # a module shared by blocks, all removed
+                continue
             t = self.tensors.get(name)
             if t is None:
-                if self._param_block.get(name) not in removed:
-                    total += p.numel()
+                total += p.numel()
             elif t.block not in removed:
                 total += math.prod(t.shape_for(sizes))
         return total
@@ -224,11 +226,12 @@ class PruningSpace:
         return sum(op.macs(sizes) for op in self.ops if op.block not in removed)
 
     @property
-    def _param_block(self) -> dict[str, str]:
-        out = {}
+    def _param_blocks(self) -> dict[str, set[str]]:
+        """Each parameter's blocks: one, or several when a module is called in several (CoaT's shared CPE)."""
+        out: dict[str, set[str]] = {}
         for b in self.blocks.values():
             for t in b.tensors:
-                out[t] = b.name
+                out.setdefault(t, set()).add(b.name)
         return out
 
     def coverage(self) -> dict[str, Any]:
