@@ -9,11 +9,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..space.errors import where
-from ..space.values import Chan, ParamRef, RawSeg
+from ..space.values import Chan
 from .epilogues import with_epilogue
 from .registry import LatencyOp, LayerKind, builtin
-from .rules import add_op, bind, chan_input, new_channels, require_axis, tokens_and_batch
+from .rules import add_op, bind, chan_or_fixed_input, new_channels, require_axis, tokens_and_batch
 
 if TYPE_CHECKING:
     from ..space.channels import Propagation
@@ -29,7 +28,7 @@ def linear_channels(prop: Propagation, node: fx.Node, m: nn.Linear) -> Chan:
     """Input features on weight axis 1; new output features (kind ``mlp`` on token sequences). A linear layer
     whose input carries its channels on another axis mixes along that last axis (MLP-Mixer's token MLP over
     ``x.transpose(1, 2)``): the channels pass through, its weights keep their widths (see :func:`_across`)."""
-    x, in_shape = _features_in(prop, node)
+    x, in_shape = chan_or_fixed_input(prop, node, "features", -1)
     if x.axis != len(in_shape) - 1:
         return _across(prop, node, m, x, in_shape)
     require_axis(node, x, -1, in_shape, "features")
@@ -40,22 +39,6 @@ def linear_channels(prop: Propagation, node: fx.Node, m: nn.Linear) -> Chan:
         bind(prop, node, "bias", 0, out, "out")
     add_op(prop, node, {"in": x, "out": out}, linear_fixed(prop, in_shape, m.bias is not None), "linear")
     return Chan(len(in_shape) - 1, out)
-
-
-def _features_in(prop: Propagation, node: fx.Node) -> tuple[Chan, tuple[int, ...]]:
-    """The input's channels; for a tensor the model computes without any (relative coordinates fed to a position
-    bias MLP), its features are a fixed width: kept whole, while the layer's outputs stay prunable."""
-    arg = node.args[0]
-    shape = arg.meta.get("mdp_shape") if isinstance(arg, fx.Node) else None
-    v = prop.value(arg)
-    if isinstance(v, ParamRef):  # a buffer of coordinates, a table: read whole
-        prop.unpruned_params.append((v.tensor, node, None))
-        v = None
-    if v is None and isinstance(shape, tuple) and arg.name not in prop.failed:
-        reason = f"{where(node)} reads a tensor without channels (computed in the model)"
-        return Chan(len(shape) - 1, (RawSeg((prop.new_space(shape[-1], "input", f"{node.target}:in", reason),)),)), \
-            shape
-    return chan_input(prop, node, "features")
 
 
 def _across(prop: Propagation, node: fx.Node, m: nn.Linear, x: Chan, in_shape: tuple[int, ...]) -> Chan:

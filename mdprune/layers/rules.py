@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch.fx as fx
 
 from ..space.errors import AnalysisError, where
-from ..space.values import Chan, RawSeg
+from ..space.values import Chan, ParamRef, RawSeg
 from .registry import latency_op, layer_kind
 
 if TYPE_CHECKING:
@@ -40,6 +40,23 @@ def chan_input(prop: Propagation, node: fx.Node, what: str) -> tuple[Chan, tuple
     if not isinstance(v, Chan):
         raise AnalysisError(f"{where(node)}: cannot tell which axis of its input carries {what}")
     return v, arg.meta["mdp_shape"]
+
+
+def chan_or_fixed_input(prop: Propagation, node: fx.Node, what: str, axis: int) -> tuple[Chan, tuple[int, ...]]:
+    """The input's channels; for a tensor the model computes without any (relative coordinates fed to a position
+    MLP, a Fourier position encoding, attention scores), or a buffer, its ``axis`` is a fixed width: kept whole,
+    while the layer's outputs stay prunable."""
+    arg = node.args[0]
+    shape = arg.meta.get("mdp_shape") if isinstance(arg, fx.Node) else None
+    v = prop.value(arg)
+    if isinstance(v, ParamRef):  # a buffer of coordinates, a table: read whole
+        prop.unpruned_params.append((v.tensor, node, None))
+        v = None
+    if v is None and isinstance(shape, tuple) and arg.name not in prop.failed:
+        reason = f"{where(node)} reads a tensor without channels (computed in the model)"
+        sid = prop.new_space(shape[axis], "input", f"{node.target}:in", reason)
+        return Chan(axis % len(shape), (RawSeg((sid,)),)), shape
+    return chan_input(prop, node, what)
 
 
 def require_axis(node: fx.Node, x: Chan, axis: int, shape: tuple[int, ...], what: str = "channels") -> None:

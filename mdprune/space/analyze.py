@@ -161,7 +161,8 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
         modules = sorted({nodes[n].target for n in fb.region if nodes[n].op == "call_module"
                           and calls[nodes[n].target] <= fb.region})
         tensors = [k for k in state if any(k.startswith(m + ".") for m in modules)]
-        tensors += [nodes[n].target for n in fb.region if nodes[n].op == "get_attr"]
+        tensors += [nodes[n].target for n in fb.region if nodes[n].op == "get_attr"
+                    and all(u.name in fb.region for u in nodes[n].users)]  # (read outside too: not the block's)
         protected = None
         if any(m == i or m.startswith(i + ".") for m in modules for i in ignored):
             protected = "holds an ignored layer"

@@ -211,8 +211,8 @@ class PruningSpace:
         total = 0
         owners = self._param_blocks
         for name, p in self.module.named_parameters():
-            if owners.get(name) and owners[name] <= set(removed):  # a module shared by blocks, all removed
-                continue
+            if owners.get(name, set()) & set(removed):  # a removed branch holding every use of it (branches
+                continue  # may overlap: EdgeNeXt's split convolutions and the attention after them)
             t = self.tensors.get(name)
             if t is None:
                 total += p.numel()
@@ -227,7 +227,7 @@ class PruningSpace:
 
     @property
     def _param_blocks(self) -> dict[str, set[str]]:
-        """Each parameter's blocks: one, or several when a module is called in several (CoaT's shared CPE)."""
+        """Each parameter's blocks: those whose branch holds every use of it (several where branches overlap)."""
         out: dict[str, set[str]] = {}
         for b in self.blocks.values():
             for t in b.tensors:
