@@ -13,7 +13,7 @@ from torch import nn
 
 import mdprune
 
-from .conftest import check_exact, randomize_norms
+from .conftest import check_exact, check_plan, randomize_norms
 
 
 class HandAttention(nn.Module):
@@ -107,3 +107,29 @@ def test_tokens_picked_by_an_index_tensor() -> None:
     torch.manual_seed(0)
     space = check_exact(PickTokens().eval(), torch.randn(2, 3, 16, 16), seeds=(1, 2))
     assert {"embed", "fc"} <= {d.name for d in space.prunable_dims()}
+
+
+class RepeatedEncoding(nn.Module):
+    """A position encoding from a coordinates buffer, repeated over the batch and fed to a convolution (XCiT's
+    Fourier encoding): the convolution's input is kept whole, its outputs prune with the channels they join."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 3, padding=1)
+        self.register_buffer("coords", torch.randn(1, 4, 8, 8))
+        self.pos = nn.Conv2d(4, 16, 1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.pos(self.coords.repeat(x.shape[0], 1, 1, 1))
+        return self.head((self.embed(x) + pos).relu().mean((2, 3)))
+
+
+def test_repeated_buffer_into_a_convolution() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    space = check_exact(RepeatedEncoding().eval(), x, seeds=(1,))
+    assert check_plan(space, mdprune.Plan.smallest(space), x)
+    assert {d.name for d in space.prunable_dims()} == {"pos"}  # pos and embed outputs: one dimension
+    assert space.tensors["pos.weight"].axes.get(1) is None or all(
+        not space.dims[d].prunable for s in space.tensors["pos.weight"].axes[1] for d in s.dims)

@@ -661,6 +661,25 @@ def _sdpa(prop: Propagation, node: fx.Node) -> Any:
     return Chan(len(node.meta["mdp_shape"]) - 1, vals[2].segs)
 
 
+def _repeat(prop: Propagation, node: fx.Node) -> Any:
+    """``x.repeat(*sizes)``: channels unchanged where their axis is not repeated (new leading axes shift it)."""
+    v, src = prop.value(node.args[0]), _shape(node.args[0])
+    sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+        else list(node.args[1:])
+    if isinstance(v, ParamRef):
+        own = zip(sizes[len(sizes) - len(v.axes):], v.axes, src or (), strict=False)
+        if any(n != 1 and a is not None and width != 1 for n, a, width in own):
+            raise AnalysisError(f"{where(node)} repeats parameter {v.tensor} along its own axes; not supported")
+        return ParamRef(v.tensor, (None,) * (len(sizes) - len(v.axes)) + v.axes)
+    if not isinstance(v, Chan) or src is None:
+        return None
+    lead = len(sizes) - len(src)
+    axis = v.axis + lead
+    if sizes[axis] != 1:
+        return keep_whole(prop, node, v.moved(axis), node.meta["mdp_shape"][axis], "repeats the channel axis")
+    return v.moved(axis)
+
+
 def _fail(node: fx.Node, what: str) -> Any:
     raise AnalysisError(f"{where(node)} {what}; not supported")
 
@@ -689,6 +708,7 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "getitem": _getitem,
     "softmax": _softmax,
     "normalize": _normalize,
+    "repeat": _repeat,
     "matmul": _matmul,
     "bmm": _matmul,
     "scaled_dot_product_attention": _sdpa,
