@@ -17,13 +17,15 @@ from .conftest import check_exact, check_plan, randomize_norms
 
 
 class HandAttention(nn.Module):
-    def __init__(self, dim: int = 64, heads: int = 2, fused: bool = False, bias: bool = False):
+    def __init__(self, dim: int = 64, heads: int = 2, fused: bool = False, bias: bool = False, table: bool = False):
         super().__init__()
         self.heads, self.hd, self.fused = heads, dim // heads, fused
         self.scale = self.hd ** -0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         self.bias = nn.Parameter(torch.randn(1, heads, 16, 16) * 0.1) if bias else None  # 16 tokens
+        self.table = nn.Parameter(torch.randn(49, heads) * 0.1) if table else None  # relative positions
+        self.register_buffer("index", torch.randint(0, 49, (16, 16)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -34,6 +36,8 @@ class HandAttention(nn.Module):
             attn = (q @ k.transpose(-2, -1)) * self.scale
             if self.bias is not None:
                 attn = attn + self.bias
+            if self.table is not None:  # a table gathered by an index buffer, reshaped, added to the scores
+                attn = attn + self.table[self.index.view(-1)].view(16, 16, -1).permute(2, 0, 1).unsqueeze(0)
             o = attn.softmax(dim=-1) @ v
         return self.proj(o.transpose(1, 2).reshape(b, n, -1))  # (with c the v width would be kept whole)
 
@@ -55,13 +59,14 @@ class TinyViT(nn.Module):
         return self.head(x.mean(1))
 
 
-@pytest.mark.parametrize("kw", [{}, {"fused": True}, {"bias": True}])
+@pytest.mark.parametrize("kw", [{}, {"fused": True}, {"bias": True}, {"table": True}])
 def test_hand_written_attention_prunes_exactly(kw: dict) -> None:
     torch.manual_seed(0)
     model = randomize_norms(TinyViT(**kw)).eval()
     space = check_exact(model, torch.randn(2, 3, 16, 16), seeds=(1, 2, 3))
     core = [o for o in space.ops if o.kind == "attention"]
-    assert len(core) == 1 and core[0].fixed["tokens"] == 16 and bool(core[0].fixed.get("bias")) == ("bias" in kw)
+    assert len(core) == 1 and core[0].fixed["tokens"] == 16 and bool(core[0].fixed.get("bias")) == bool(
+        {"bias", "table"} & set(kw))
     heads = space.dims[core[0].roles["heads"][0].dims[0]]
     assert not heads.prunable and heads.size == 2  # heads are kept
     qk, v = (space.dims[core[0].roles[r][0].dims[0]] for r in ("qk", "v"))

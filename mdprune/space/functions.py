@@ -293,6 +293,8 @@ def _reshape(prop: Propagation, node: fx.Node) -> Any:
         axes: list[int | None] = [None] * len(out)
         literal = _shape_args(node)
         for ga, gb in groups:
+            if all(v.axes[i] is None for i in ga):  # axes the parameter does not own (a gathered table's rows)
+                continue
             if len(ga) != 1 or len(gb) != 1:
                 raise AnalysisError(f"{where(node)} reshapes parameter {v.tensor} across axes; not supported")
             axes[gb[0]] = v.axes[ga[0]]
