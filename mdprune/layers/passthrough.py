@@ -31,8 +31,9 @@ _LIBRARY_PASS = (
         "QuickGELU")),
     *(f"timm.layers.activations_me.{n}" for n in ("SwishMe", "MishMe", "HardSigmoidMe", "HardSwishMe", "HardMishMe")),
 )
-# Spatial modules on NCHW tensors: channels stay on axis 1.
+# Spatial modules on NCHW (and NCL) tensors: channels stay on axis 1.
 _SPATIAL = (
+    nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d,
     nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, *((nn.CircularPad2d,) if hasattr(nn, "CircularPad2d")
                                                                  else ()),
