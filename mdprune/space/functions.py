@@ -682,6 +682,21 @@ def _repeat(prop: Propagation, node: fx.Node) -> Any:
     return v.moved(axis)
 
 
+def _repeat_interleave(prop: Propagation, node: fx.Node) -> Any:
+    """``x.repeat_interleave(n, dim)``: channels unchanged unless their axis is the one repeated."""
+    v, src = prop.value(node.args[0]), _shape(node.args[0])
+    dim = _arg(node, 2, "dim")
+    if isinstance(v, ParamRef):
+        return _fail(node, f"repeats parameter {v.tensor}")
+    if not isinstance(v, Chan) or src is None:
+        return None
+    if dim is None or dim % len(src) == v.axis:
+        out = node.meta["mdp_shape"]
+        axis = v.axis if dim is not None else 0
+        return keep_whole(prop, node, v.moved(axis), out[axis], "repeats the channel axis")
+    return v
+
+
 def _fail(node: fx.Node, what: str) -> Any:
     raise AnalysisError(f"{where(node)} {what}; not supported")
 
@@ -711,6 +726,7 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "softmax": _softmax,
     "normalize": _normalize,
     "repeat": _repeat,
+    "repeat_interleave": _repeat_interleave,
     "matmul": _matmul,
     "bmm": _matmul,
     "scaled_dot_product_attention": _sdpa,
