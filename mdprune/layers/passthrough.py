@@ -62,6 +62,12 @@ def spatial_channels(prop: Propagation, node: fx.Node, m: nn.Module) -> Chan:
     return input_channels(prop, node, 1)
 
 
+def unfold_channels(prop: Propagation, node: fx.Node, m: nn.Unfold) -> Chan:
+    """``nn.Unfold``: (N, C, H, W) -> (N, C x kh x kw, L), channel-major: each channel widened by its patch."""
+    kh, kw = (m.kernel_size, m.kernel_size) if isinstance(m.kernel_size, int) else m.kernel_size
+    return input_channels(prop, node, 1).widened(kh * kw)
+
+
 def flatten_channels(prop: Propagation, node: fx.Node, m: nn.Flatten) -> Any:
     return flatten_value(prop, node, node.args[0], m.start_dim, m.end_dim)
 
@@ -74,4 +80,5 @@ builtin(LayerKind("passthrough", (*_PASS, *_LIBRARY_PASS), passthrough_channels)
 builtin(LayerKind("prelu", (nn.PReLU, "timm.layers.activations.PReLU"), prelu_channels, resize_prelu))
 builtin(LayerKind("spatial", _SPATIAL, spatial_channels))
 builtin(LayerKind("flatten", (nn.Flatten,), flatten_channels))
+builtin(LayerKind("unfold", (nn.Unfold,), unfold_channels))
 builtin(LayerKind("softmax", (nn.Softmax,), softmax_channels))

@@ -106,8 +106,9 @@ def elementwise_along(prop: Propagation, node: fx.Node, arg: Any, dim: int | Non
     """An op that mixes values along ``dim`` (softmax, ...): fine unless ``dim`` is the channel axis."""
     v = prop.value(arg)
     shape = _shape(arg)
-    if isinstance(v, Chan) and dim is not None and dim % len(shape) == v.axis:
-        raise AnalysisError(f"{where(node)} mixes values across channels (dim={dim})")
+    if isinstance(v, Chan) and dim is not None and dim % len(shape) == v.axis:  # (VOLO's outlook weights)
+        prop.protect(v.segs, f"{where(node)} mixes values across them (dim={dim})")
+        return v
     if isinstance(v, ParamRef):
         raise AnalysisError(f"{where(node)} applies to parameter {v.tensor}; not supported")
     return v
@@ -174,7 +175,12 @@ def _addcmul(prop: Propagation, node: fx.Node) -> Any:
 def _combine(prop: Propagation, node: fx.Node, va: Any, sa: Any, vb: Any, sb: Any, out: Any) -> Any:
     """The value of an element-wise combination of ``va`` (shape ``sa``) and ``vb`` (shape ``sb``)."""
     if isinstance(va, Chan) and isinstance(vb, Chan):
-        if len(sa) - va.axis != len(sb) - vb.axis:
+        ra, rb = len(sa) - va.axis, len(sb) - vb.axis  # channel axes counted from the right
+        if ra != rb:  # one side's channels meet the other's broadcast axis: track those, keep the others whole
+            for keep, other, so, r in ((va, vb, sb, ra), (vb, va, sa, rb)):
+                if r > len(so) or so[-r] == 1:
+                    prop.protect(other.segs, f"{where(node)} combines them along an axis of other channels")
+                    return keep.moved(len(out) - r)
             raise AnalysisError(f"{where(node)} combines tensors whose channels are on different axes")
         if sa[va.axis] != sb[vb.axis] and 1 in (sa[va.axis], sb[vb.axis]):  # one channel broadcast to all
             one, many = (va, vb) if sa[va.axis] == 1 else (vb, va)
@@ -697,6 +703,20 @@ def _repeat_interleave(prop: Propagation, node: fx.Node) -> Any:
     return v
 
 
+def _fold(prop: Propagation, node: fx.Node) -> Any:
+    """``F.fold``, the inverse of unfold: (N, C x kh x kw, L) -> (N, C, H, W); channels widened by the patch
+    come back narrowed by it, others are kept whole."""
+    v = prop.value(node.args[0])
+    if not isinstance(v, Chan):
+        return None if not isinstance(v, ParamRef) else _fail(node, "folds a parameter")
+    k = _arg(node, 2, "kernel_size")
+    k = math.prod(k) if isinstance(k, (tuple, list)) else k * k
+    out = node.meta["mdp_shape"]
+    if v.axis != 1 or not all(s.inner % k == 0 for s in v.segs):
+        return keep_whole(prop, node, v, out[1], "folds patches of channels it cannot separate")
+    return Chan(1, tuple(RawSeg(s.spaces, s.inner // k) for s in v.segs))
+
+
 def _fail(node: fx.Node, what: str) -> Any:
     raise AnalysisError(f"{where(node)} {what}; not supported")
 
@@ -726,6 +746,7 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "softmax": _softmax,
     "normalize": _normalize,
     "repeat": _repeat,
+    "fold": _fold,
     "repeat_interleave": _repeat_interleave,
     "matmul": _matmul,
     "bmm": _matmul,
