@@ -80,7 +80,7 @@ def test_hand_written_attention_prunes_exactly(kw: dict) -> None:
 @pytest.mark.parametrize("name, size", [("visformer_tiny", 224), ("pvt_v2_b0", 64), ("tiny_vit_5m_224", 224),
                                         ("cait_xxs24_224", 224), ("davit_tiny", 224), ("coat_lite_tiny", 224),
                                         ("edgenext_xx_small", 256), ("efficientformerv2_s0", 224),
-                                        ("nextvit_small", 224), ("gcvit_xxtiny", 224)])
+                                        ("nextvit_small", 224), ("gcvit_xxtiny", 224), ("efficientvit_b0", 224)])
 def test_timm_models_with_written_out_attention(name: str, size: int) -> None:
     """Visformer (q @ k^T written out), PVT v2 (spatial-reduction keys and values), TinyViT (learnt attention
     biases picked by an index tensor and passed as the mask: kept whole), CaiT (talking heads: layers across the
@@ -88,7 +88,8 @@ def test_timm_models_with_written_out_attention(name: str, size: int) -> None:
     (a position-encoding module shared by several residual branches: those branches are not removed), EdgeNeXt
     (cross-covariance attention after split convolutions: overlapping branches; a Fourier position encoding into a
     convolution), EfficientFormerV2 (convolutions across the heads of the scores), NextViT (keys and values
-    pooled by AvgPool1d), GCViT (a global query repeated over windows by repeat_interleave)."""
+    pooled by AvgPool1d), GCViT (a global query repeated over windows by repeat_interleave), EfficientViT (MIT;
+    linear attention in a float32 autocast block whose device comes from a tensor)."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).eval()
     space = check_exact(model, torch.randn(1, 3, size, size), seeds=(1,))

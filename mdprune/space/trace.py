@@ -205,6 +205,24 @@ def _autograd_functions_as_calls() -> Iterator[None]:
         base.apply = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _autocast_blocks_traceable() -> Iterator[None]:
+    """While tracing, ``with torch.autocast(device_type=x.device.type, enabled=False)`` (a block kept in float32,
+    efficientvit's linear attention) takes a proxy for the device: it is read as "cpu". fx records no autocast
+    region either way; the traced graph computes the block in the model's own dtype."""
+    original = torch.autocast
+
+    class TracingAutocast(original):  # type: ignore[misc, valid-type]
+        def __init__(self, device_type: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__("cpu" if isinstance(device_type, fx.Proxy) else device_type, *args, **kwargs)
+
+    torch.autocast = TracingAutocast  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        torch.autocast = original  # type: ignore[misc]
+
+
 def _fixed_args(model: nn.Module, n_inputs: int) -> dict[str, Any]:
     """Optional forward arguments beyond the example inputs, frozen at their defaults (masks, flags)."""
     params = list(inspect.signature(model.forward).parameters.values())
@@ -230,7 +248,7 @@ def trace(model: nn.Module, ignored_layers: Iterable[str] = (), n_inputs: int = 
     model.eval()
     tracer = _Tracer(ignored, example_inputs)
     try:
-        with _autograd_functions_as_calls():
+        with _autograd_functions_as_calls(), _autocast_blocks_traceable():
             graph = tracer.trace(model, concrete_args=_fixed_args(model, n_inputs) or None)
             inline_wrapped(graph, lambda: _Tracer(()))
     except Exception as e:  # noqa: BLE001 - re-raised with context
