@@ -43,6 +43,7 @@ MODELS = [
     "timm:resnetv2_50x1_bit", "timm:nf_regnet_b0", "timm:convnext_atto_rms",
     "timm:caformer_s18", "timm:mixer_s16_224", "timm:resmlp_12_224", "timm:gmlp_ti16_224", "timm:ecaresnet26t",
     "timm:visformer_tiny", "timm:pvt_v2_b0", "timm:tiny_vit_5m_224", "timm:twins_svt_small",
+    "timm:edgenext_xx_small", "timm:efficientvit_b0",
 ]
 
 
