@@ -77,7 +77,8 @@ def trained_like(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         for m in model.modules():
             if isinstance(m, norms) and getattr(m, "weight", None) is not None:
                 m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+                if m.bias is not None:  # bias-free norms (MetaFormer's LayerNorm2d without bias)
+                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
         for _, p in model.named_parameters():
             first = p.flatten()[0]
             if p.numel() > 1 and bool((p == first).all()):
