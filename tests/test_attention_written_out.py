@@ -17,9 +17,10 @@ from .conftest import check_exact, check_plan, randomize_norms
 
 
 class HandAttention(nn.Module):
-    def __init__(self, dim: int = 64, heads: int = 2, fused: bool = False, bias: bool = False, table: bool = False):
+    def __init__(self, dim: int = 64, heads: int = 2, fused: bool = False, bias: bool = False, table: bool = False,
+                 merge_c: bool = False):
         super().__init__()
-        self.heads, self.hd, self.fused = heads, dim // heads, fused
+        self.heads, self.hd, self.fused, self.merge_c = heads, dim // heads, fused, merge_c
         self.scale = self.hd ** -0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
@@ -39,7 +40,8 @@ class HandAttention(nn.Module):
             if self.table is not None:  # a table gathered by an index buffer, reshaped, added to the scores
                 attn = attn + self.table[self.index.view(-1)].view(16, 16, -1).permute(2, 0, 1).unsqueeze(0)
             o = attn.softmax(dim=-1) @ v
-        return self.proj(o.transpose(1, 2).reshape(b, n, -1))  # (with c the v width would be kept whole)
+        # the heads merged back to c (the input's width, read from its shape) or to -1: the same slim model
+        return self.proj(o.transpose(1, 2).reshape(b, n, c if self.merge_c else -1))
 
 
 class TinyViT(nn.Module):
@@ -59,7 +61,7 @@ class TinyViT(nn.Module):
         return self.head(x.mean(1))
 
 
-@pytest.mark.parametrize("kw", [{}, {"fused": True}, {"bias": True}, {"table": True}])
+@pytest.mark.parametrize("kw", [{}, {"fused": True}, {"bias": True}, {"table": True}, {"merge_c": True}])
 def test_hand_written_attention_prunes_exactly(kw: dict) -> None:
     torch.manual_seed(0)
     model = randomize_norms(TinyViT(**kw)).eval()
@@ -73,7 +75,10 @@ def test_hand_written_attention_prunes_exactly(kw: dict) -> None:
     assert qk.prunable and v.prunable and qk.kind == "qk"
     # one fused qkv reshaped as (3, heads, width) ties the three parts' widths: q/k and v prune together here
     assert qk.name == v.name
-    slim = mdprune.slim(space, mdprune.Plan.smallest(space))
+    # both residual branches are removable blocks (``c`` read from the shape and left unused is no second exit)
+    assert {"attn", "mlp"} <= set(space.blocks)
+    narrowest = {d.name: min(d.widths()) for d in space.prunable_dims()}
+    slim = mdprune.slim(space, mdprune.Plan.from_sizes(space, narrowest))
     assert slim.get_submodule("attn.qkv").out_features < 192
 
 
@@ -141,3 +146,37 @@ def test_repeated_buffer_into_a_convolution() -> None:
     assert {d.name for d in space.prunable_dims()} == {"pos"}  # pos and embed outputs: one dimension
     assert space.tensors["pos.weight"].axes.get(1) is None or all(
         not space.dims[d].prunable for s in space.tensors["pos.weight"].axes[1] for d in s.dims)
+
+
+class SpatialReduction(nn.Module):
+    """PVT's keys and values from a spatially reduced map: ``sr(x).reshape(B, C, -1)`` with ``C`` read from the
+    block's input. ``C`` is a channel count alone: the slim model gets the convolution's kept width as a literal
+    there, and the two widths prune apart."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 2, 2)
+        self.norm = nn.LayerNorm(dim)
+        self.sr = nn.Conv2d(dim, dim, 2, 2)
+        self.kv = nn.Linear(dim, 24)
+        self.head = nn.Linear(dim + 24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, c = t.shape
+        m = t.permute(0, 2, 1).reshape(b, c, 4, 4)
+        r = self.norm(self.sr(m).reshape(b, c, -1).permute(0, 2, 1))
+        return self.head(torch.cat([t.mean(1), self.kv(r).mean(1)], 1))
+
+
+def test_width_read_from_another_tensor_becomes_a_literal() -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(SpatialReduction()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    space = check_exact(model, x, seeds=(1, 2, 3))
+    sr = space.tensors["sr.weight"].axes[0][0].dims[0]  # the convolution's output channels
+    assert sr != "embed" and {"embed", sr} <= {d.name for d in space.prunable_dims()}  # neither kept whole
+    plan = mdprune.Plan.from_sizes(space, {"embed": 24, sr: 16})
+    assert check_plan(space, plan, x)
+    slim = mdprune.slim(space, plan)
+    assert (slim.get_submodule("embed").out_channels, slim.get_submodule("sr").out_channels) == (24, 16)

@@ -60,14 +60,16 @@ def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.
 
     with torch.no_grad():
         done: set[str] = set()  # a module called several times (a detector head shared by levels): sliced once
+        taken: set[str] = set()  # so is a tensor also read as an attribute (``self.proj.weight.dtype``)
         for node in graph.nodes:
             if node.op == "call_module" and node.target not in done:
                 done.add(node.target)
                 m = gm.get_submodule(node.target)
-                new = _slim_module(space, pos, node.target, m)
+                new = _slim_module(space, pos, node.target, m, taken)
                 if new is not m:
                     _set_submodule(gm, node.target, new)
-            elif node.op == "get_attr" and node.target in space.tensors:
+            elif node.op == "get_attr" and node.target in space.tensors and node.target not in taken:
+                taken.add(node.target)
                 _set_tensor(gm, node.target, _take(space, pos, node.target, _get_tensor(gm, node.target)))
 
     for p in space.patches:
@@ -141,7 +143,7 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(owner) if owner else root, attr, new)
 
 
-def _slim_module(space: PruningSpace, pos: Positions, path: str, m: nn.Module) -> nn.Module:
+def _slim_module(space: PruningSpace, pos: Positions, path: str, m: nn.Module, taken: set[str]) -> nn.Module:
     if path in space.attention:
         return slim_attention(space, pos, path, m)
     names = [f"{path}.{n}" for n, _ in m.named_parameters()] + [f"{path}.{n}" for n, _ in m.named_buffers()]
@@ -150,6 +152,9 @@ def _slim_module(space: PruningSpace, pos: Positions, path: str, m: nn.Module) -
         return m
     new = copy.deepcopy(m)
     for name in bound:
+        if name in taken:
+            continue
+        taken.add(name)
         local = name[len(path) + 1:]
         _set_tensor(new, local, _take(space, pos, name, _get_tensor(new, local)))
     _resize(new, m, space, pos, path)

@@ -45,6 +45,9 @@ def find_blocks(gm: fx.GraphModule, info: dict[str, object], compute: set[str]) 
             acc |= ancestors[p.name]
         ancestors[n.name] = acc
     by_name = {n.name: n for n in nodes}
+    # nodes whose results reach the output or a side effect (entering autocast): a dead read (``b, n, c =
+    # x.shape`` with ``c`` unused) is no exit, the slim model drops it
+    live = set().union(*({n.name} | ancestors[n.name] for n in nodes if n.op == "output" or n.is_impure()))
 
     found = []
     for n in nodes:
@@ -57,7 +60,7 @@ def find_blocks(gm: fx.GraphModule, info: dict[str, object], compute: set[str]) 
             continue
         if a.meta["mdp_shape"] != b.meta["mdp_shape"] or a.meta["mdp_shape"] != n.meta["mdp_shape"]:
             continue
-        blk = _block_at(n, a, b, ancestors, order, by_name, compute)
+        blk = _block_at(n, a, b, ancestors, order, by_name, compute, live)
         if blk is not None:
             found.append(blk)
     return found
@@ -70,7 +73,7 @@ def _side(operand: fx.Node, fork: str, ancestors: dict[str, set[str]]) -> set[st
 
 
 def _block_at(add: fx.Node, a: fx.Node, b: fx.Node, ancestors: dict[str, set[str]], order: dict[str, int],
-              by_name: dict[str, fx.Node], compute: set[str]) -> FoundBlock | None:
+              by_name: dict[str, fx.Node], compute: set[str], live: set[str]) -> FoundBlock | None:
     ca = ancestors[a.name] | {a.name}
     cb = ancestors[b.name] | {b.name}
     common = [x for x in ca & cb if _is_tensor(by_name[x]) and by_name[x].op != "get_attr"]
@@ -87,7 +90,7 @@ def _block_at(add: fx.Node, a: fx.Node, b: fx.Node, ancestors: dict[str, set[str
                 continue
             return None
         for u in by_name[name].users:  # single exit: only the addition reads the region
-            if u.name not in region and u is not add:
+            if u.name not in region and u is not add and u.name in live:
                 return None
     na, nb = len(sa & compute), len(sb & compute)
     if na == nb:

@@ -139,12 +139,16 @@ def reshape_channels(prop: Propagation, node: fx.Node, v: Chan, src: tuple[int, 
 
 
 def _computed_width(prop: Propagation, node: fx.Node, lit: fx.Node, new: Chan) -> Chan:
-    """A reshape whose channel-axis size is computed from shapes (``B * C * nh`` from ``x.shape``).
+    """A reshape whose channel-axis size is computed from shapes (``C // nh`` or ``B * C * nh`` from ``x.shape``).
 
-    The slim model recomputes it from its own shapes: right only if it is proportional to one channel count
-    that always keeps the same proportion to the reshaped channels (the same dimensions); else the channels it
-    reads and the reshaped ones are kept whole.
+    Computed from channel counts alone, it becomes a patched literal. Otherwise the slim model recomputes it
+    from its own shapes: right only if it is proportional to one channel count that always keeps the same
+    proportion to the reshaped channels (the same dimensions); else the channels it reads and the reshaped ones
+    are kept whole.
     """
+    if _channel_sizes_only(prop, lit):  # no batch or spatial size in it: a literal, patched like one
+        prop.patch(node, new.axis, new.segs)
+        return new
     found: list[tuple[RawSeg, ...]] = []
     factors = _channel_factors(prop, lit, found)
     if factors is None or len(factors) != 1:
@@ -194,6 +198,23 @@ def _channel_factors(prop: Propagation, a: Any, found: list[tuple[RawSeg, ...]])
         return None
     parts = [_channel_factors(prop, x, found) for x in a.all_input_nodes]
     return [] if all(p == [] for p in parts) else None
+
+
+def _channel_sizes_only(prop: Propagation, a: Any) -> bool:
+    """Whether the size ``a`` is computed from channel counts and constants alone (``C // heads`` with ``C`` read
+    from ``x.shape``): under any plan the reshape's channel axis then has the kept width of the channels it holds,
+    so the slim model can take it as a literal (PVT's ``sr(x).reshape(B, C, -1)``, Twins' ``C // heads``) and
+    the channels it was read from need not be kept whole. A batch or spatial size in it (``B * C``) would vary
+    with the input: not a literal."""
+    if not isinstance(a, fx.Node):
+        return isinstance(a, int)
+    q = _size_query(a)
+    if q is not None:
+        v = prop.value(q[0])
+        return q[2] and isinstance(v, Chan) and q[1] == (v.axis,)
+    arith = (operator.mul, operator.floordiv, operator.add, operator.sub)
+    return a.op == "call_function" and a.target in arith and not a.kwargs and len(a.args) == 2 and all(
+        _channel_sizes_only(prop, b) for b in a.args)
 
 
 def _size_query(a: fx.Node) -> tuple[fx.Node, tuple[int, ...], bool] | None:
