@@ -92,11 +92,15 @@ def rebuild(source: Mapping[str, Any], trust_code: bool = False) -> nn.Module:
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) the model expects.
 
-    Channels come from the first convolution (a 1-channel model gets 1-channel inputs); the size from timm's
-    patch embedding or pretrained config, a ``default_input_size`` attribute (mdprune's small models), else 224.
+    Channels come from the model's ``in_chans`` (timm sets it; its first convolution may come after a
+    space-to-depth stem, as in TResNet), else from the first convolution (a 1-channel model gets 1-channel
+    inputs); the size from timm's patch embedding or pretrained config, a ``default_input_size`` attribute
+    (mdprune's small models), else 224.
     """
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = first_conv.in_channels if first_conv is not None else 3
+    channels = getattr(model, "in_chans", None)
+    if not isinstance(channels, int) or channels <= 0:
+        channels = first_conv.in_channels if first_conv is not None else 3
     patch = getattr(model, "patch_embed", None)
     if patch is not None and getattr(patch, "img_size", None):
         return (channels, *patch.img_size)

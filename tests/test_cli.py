@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from mdprune.cli import main
 
 
@@ -54,5 +56,9 @@ def test_example_inputs_follow_the_models_channels_and_size(capsys):
 
     assert default_input_size(small_resnet18()) == (1, 28, 28)
     assert default_input_size(small_vit(in_chans=3)) == (3, 28, 28)
+    space_to_depth = torch.nn.Sequential(torch.nn.PixelUnshuffle(2), torch.nn.Conv2d(12, 4, 3))
+    assert default_input_size(space_to_depth)[0] == 12  # (the first convolution's inputs, for want of better)
+    space_to_depth.in_chans = 3  # timm's attribute (TResNet's stem: space-to-depth, then the first convolution)
+    assert default_input_size(space_to_depth)[0] == 3
     assert main(["inspect", "small_resnet18"]) == 0  # a 1-channel model, no --input-size needed
     assert "layer1.0" in capsys.readouterr().out

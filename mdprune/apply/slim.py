@@ -12,6 +12,7 @@ from torch import nn
 from ..layers.norm import resize_norm
 from ..layers.registry import layer_kind
 from ..space import Plan, PruningSpace
+from ..space.trace import eliminate_dead_code
 from .attention import slim_attention
 from .indices import Positions
 
@@ -56,7 +57,7 @@ def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.
         replaced[add.name] = shortcut
         for u in users:  # an in-place op on the sum would now overwrite the shortcut's tensor
             _not_inplace(gm, u)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
 
     with torch.no_grad():
         done: set[str] = set()  # a module called several times (a detector head shared by levels): sliced once
@@ -75,7 +76,7 @@ def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.
     for p in space.patches:
         node = nodes.get(p.node)
         if node is not None and node.graph is graph:
-            _patch_literal(node, p.arg_index, pos.axis(p.segs).numel())
+            _patch_literal(node, p.arg_index, pos.axis(p.segs).numel(), p.keyword)
     gm.delete_all_unused_submodules()
     _delete_unused_tensors(gm)
     gm.recompile()
@@ -174,8 +175,15 @@ def _resize(new: nn.Module, old: nn.Module, space: PruningSpace, pos: Positions,
         kind.resize(new, old)
 
 
-def _patch_literal(node: fx.Node, index: int, value: int) -> None:
+def _patch_literal(node: fx.Node, index: int, value: int, keyword: str | None = None) -> None:
     args: list[Any] = list(node.args)
+    if keyword is not None:  # a named argument (``groups=C``), positional or not
+        if len(args) > index:
+            args[index] = value
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, keyword: value}
+        return
     if isinstance(args[1], (tuple, list)):  # a shape given as one sequence (reshape, layer_norm)
         shape = list(args[1])
         shape[index] = value

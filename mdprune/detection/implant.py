@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..space import AnalysisError, PruningSpace
+from ..space.trace import eliminate_dead_code
 from .wrap import PREFIX
 
 
@@ -150,7 +151,7 @@ def _cut(gm: fx.GraphModule, base: fx.Graph, path: str) -> nn.Module:
             break
     graph.output(env[result.name])
     cut = fx.GraphModule(gm, graph, class_name="Pruned")
-    cut.graph.eliminate_dead_code()
+    eliminate_dead_code(cut.graph)
     cut.recompile()
     return cut
 

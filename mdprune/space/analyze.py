@@ -181,7 +181,7 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
 
     tensors: dict[str, TensorAxes] = {}
     for t, axes in prop.bindings.items():
-        shape = tuple(state[t].shape) if t in state else tuple(gm.get_parameter(t).shape)
+        shape = tuple(state[t].shape) if t in state else tuple(_tensor(gm, t).shape)  # (a non-persistent buffer)
         tensors[t] = TensorAxes(t, shape, {a: segs(s) for a, s in axes.items()}, tensor_block.get(t),
                                 dict(prop.roles[t]))
 
@@ -205,7 +205,7 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
         blocks=blocks,
         ops=ops,
         tensors=tensors,
-        patches=[Patch(p.node, p.arg_index, segs(p.segs)) for p in prop.patches],
+        patches=[Patch(p.node, p.arg_index, segs(p.segs), p.keyword) for p in prop.patches],
         normalized={m: segs(s) for m, s in prop.normalized.items()},
         attention={m: {"kind": a["kind"], **{k: names[prop.find(a[k])] for k in ("heads", "qk", "v")}}
                    for m, a in prop.attention.items()},
@@ -242,3 +242,8 @@ def _common_prefix(mods: list[str]) -> str:
     parts = [m.split(".") for m in mods]
     common = os.path.commonprefix(parts)
     return ".".join(common)
+
+
+def _tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)

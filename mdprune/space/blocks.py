@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from .functions import op_name
+from .trace import live_nodes, written_by
 from .values import Chan
 
 ADD = {"add", "iadd", "add_"}
@@ -45,9 +46,8 @@ def find_blocks(gm: fx.GraphModule, info: dict[str, object], compute: set[str]) 
             acc |= ancestors[p.name]
         ancestors[n.name] = acc
     by_name = {n.name: n for n in nodes}
-    # nodes whose results reach the output or a side effect (entering autocast): a dead read (``b, n, c =
-    # x.shape`` with ``c`` unused) is no exit, the slim model drops it
-    live = set().union(*({n.name} | ancestors[n.name] for n in nodes if n.op == "output" or n.is_impure()))
+    # a dead read (``b, n, c = x.shape`` with ``c`` unused) is no exit: the slim model drops it
+    live = {n.name for n in live_nodes(gm.graph)}
 
     found = []
     for n in nodes:
@@ -66,6 +66,18 @@ def find_blocks(gm: fx.GraphModule, info: dict[str, object], compute: set[str]) 
     return found
 
 
+def _writers(side: set[str], by_name: dict[str, fx.Node]) -> set[str]:
+    """In-place ops on a tensor of ``side`` whose own result nothing reads (NFNet's ``out.mul_(gain)``), with the
+    parameters they read: part of that side, gone with it."""
+    found: set[str] = set()
+    for name in side:
+        for u in by_name[name].users:
+            base = written_by(u)
+            if base is not None and base.name in side and not u.users:
+                found |= {u.name} | {p.name for p in u.all_input_nodes if p.op == "get_attr"}
+    return found - side
+
+
 def _side(operand: fx.Node, fork: str, ancestors: dict[str, set[str]]) -> set[str]:
     if operand.name == fork:
         return set()
@@ -81,6 +93,7 @@ def _block_at(add: fx.Node, a: fx.Node, b: fx.Node, ancestors: dict[str, set[str
         return None
     fork = max(common, key=order.__getitem__)
     sa, sb = _side(a, fork, ancestors), _side(b, fork, ancestors)
+    sa, sb = sa | _writers(sa, by_name), sb | _writers(sb, by_name)
     if sa & sb:
         return None
     region = sa | sb

@@ -50,6 +50,7 @@ class RawPatch:
     node: str
     arg_index: int
     segs: tuple[RawSeg, ...]
+    keyword: str | None = None
 
 
 class Propagation(Layouts):
@@ -150,8 +151,10 @@ class Propagation(Layouts):
                node: fx.Node) -> None:
         self.ops.append(RawOp(name, kind, roles, fixed, (node.name,)))
 
-    def patch(self, node: fx.Node, arg_index: int, segs: tuple[RawSeg, ...]) -> None:
-        self.patches.append(RawPatch(node.name, arg_index, segs))
+    def patch(self, node: fx.Node, arg_index: int, segs: tuple[RawSeg, ...], keyword: str | None = None) -> None:
+        """A literal of ``node`` that equals the width of ``segs``: entry ``arg_index`` of its shape arguments, or
+        (``keyword``) the argument of that name, given at position ``arg_index`` or as a keyword."""
+        self.patches.append(RawPatch(node.name, arg_index, segs, keyword))
 
     # ---- walking -----------------------------------------------------------------------------------------
     def value(self, a: Any) -> Any:

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .conv_calls import CONV_RULES
 from .errors import AnalysisError, where
 from .splits import MAX_COPIES, SPLIT_RULES, keep_whole, reshape_channels, several_items, sized_like, slice_channels
 from .values import Chan, ParamRef, RawSeg, Several
@@ -233,14 +234,38 @@ def _cat(prop: Propagation, node: fx.Node) -> Any:
     if axis == dim:
         return Chan(dim, tuple(s for v, sh in zip(vals, shapes, strict=True)
                                for s in _cat_part(prop, node, v, sh, dim)))
-    for v, _ in chans[1:]:
-        prop.unify(chans[0][0].segs, v.segs, node)
+    return _tie_inputs(prop, node, vals, chans[0][0])
+
+
+def _tie_inputs(prop: Propagation, node: fx.Node, vals: list[Any], first: Chan) -> Chan:
+    """Inputs joined along another axis than their channels' (``cat``, ``stack``): the same channels in all."""
     for v in vals:
-        if isinstance(v, ParamRef) and v.axes[axis] is not None:
-            prop.bind(v.tensor, v.axes[axis], chans[0][0].segs, node, "param")
-        elif not isinstance(v, Chan):  # a tensor made in the code (its width a literal): keep the channels whole
-            prop.protect(chans[0][0].segs, f"{where(node)} concatenates channels with a tensor mdprune cannot follow")
-    return chans[0][0]
+        if isinstance(v, Chan):
+            if v is not first:
+                prop.unify(first.segs, v.segs, node)
+        elif isinstance(v, ParamRef) and v.axes[first.axis] is not None:
+            prop.bind(v.tensor, v.axes[first.axis], first.segs, node, "param")
+        else:  # a tensor made in the code (its width a literal): keep the channels whole
+            prop.protect(first.segs, f"{where(node)} joins channels with a tensor mdprune cannot follow")
+    return first
+
+
+def _stack(prop: Propagation, node: fx.Node) -> Any:
+    """``torch.stack(tensors, dim)``: a new axis at ``dim``; every input holds the same channels (CrossViT's
+    heads averaged over branches)."""
+    tensors = _arg(node, 0, "tensors")
+    items = several_items(prop, tensors)
+    vals, shapes = items if items is not None else ([prop.value(t) for t in tensors], [_shape(t) for t in tensors])
+    dim = _arg(node, 1, "dim", 0) % (len(shapes[0]) + 1)
+    chans = [v for v in vals if isinstance(v, Chan)]
+    if not chans:
+        if any(isinstance(v, ParamRef) for v in vals):
+            raise AnalysisError(f"{where(node)} stacks parameters; not supported")
+        return None
+    axis = chans[0].axis
+    if any(v.axis != axis for v in chans):
+        raise AnalysisError(f"{where(node)} stacks tensors whose channels lie on different axes")
+    return _tie_inputs(prop, node, vals, chans[0]).moved(axis + (1 if dim <= axis else 0))
 
 
 def _cat_part(prop: Propagation, node: fx.Node, v: Any, shape: tuple[int, ...], dim: int) -> tuple[RawSeg, ...]:
@@ -726,6 +751,7 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     **dict.fromkeys(SPATIAL, _spatial),
     **dict.fromkeys(REDUCE, _reduce),
     "cat": _cat,
+    "stack": _stack,
     "addcmul": _addcmul,
     "addcdiv": _addcmul,
     "flatten": _flatten,
@@ -754,6 +780,7 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "log_softmax": _softmax,
 }
 _RULES.update(SPLIT_RULES)
+_RULES.update(CONV_RULES)
 
 
 # ---- norms called as functions (inside a norm module mdprune traces into) -------------------------------------

@@ -173,8 +173,9 @@ class Patch:
     """A literal in the traced code that equals a pruned width (e.g. ``x.view(B, 512 * 7 * 7)``)."""
 
     node: str
-    arg_index: int  # position in the flattened shape arguments
+    arg_index: int  # position in the flattened shape arguments (or of the argument ``keyword``)
     segs: tuple[Seg, ...]
+    keyword: str | None = None  # a named argument (``groups``) rather than a shape entry
 
 
 @dataclass

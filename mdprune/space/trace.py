@@ -312,3 +312,67 @@ def record_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
         _ShapeRecorder(gm).run(*inputs)
     finally:
         gm.train(was_training)
+
+
+def live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose results reach the output or a side effect. torch.fx counts in-place tensor ops as pure
+    (NFNet's ``x.mul_(self.skipinit_gain)``, ``x`` read afterwards); here one is live when the tensor it writes
+    into is read later by a live node, or is an input, a parameter or a view (whose base mdprune does not
+    follow)."""
+    live: set[fx.Node] = set()
+    for n in reversed(graph.nodes):
+        if n.is_impure() or any(u in live for u in n.users):
+            live.add(n)
+        elif _in_place(n):
+            base = _written(n)
+            if not isinstance(base, fx.Node) or base.op in ("placeholder", "get_attr") \
+                    or op_name_of(base) in _VIEWS or any(u in live for u in base.users if u is not n):
+                live.add(n)
+    return live
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """``graph.eliminate_dead_code`` that keeps the in-place ops :func:`live_nodes` keeps."""
+    live = live_nodes(graph)
+    for n in reversed(graph.nodes):
+        if n not in live and not n.users:
+            graph.erase_node(n)
+
+
+def _in_place(n: fx.Node) -> bool:
+    if n.op == "call_module":
+        owner = n.graph.owning_module
+        return owner is not None and bool(getattr(owner.get_submodule(n.target), "inplace", False))
+    if n.op not in ("call_method", "call_function"):
+        return False
+    if n.kwargs.get("inplace") is True or n.target in _IN_PLACE_OPERATORS:
+        return True
+    name = op_name_of(n)
+    return name.endswith("_") and not name.endswith("__")
+
+
+def written_by(n: fx.Node) -> fx.Node | None:
+    """The node whose tensor the in-place op ``n`` writes into; None when ``n`` is not in place."""
+    base = _written(n) if _in_place(n) else None
+    return base if isinstance(base, fx.Node) else None
+
+
+def _written(n: fx.Node) -> Any:
+    """The tensor an in-place op writes into, through chains of in-place ops (``x.mul_(a).add_(b)``)."""
+    while _in_place(n) and n.args:
+        n = n.args[0]
+        if not isinstance(n, fx.Node):
+            return n
+    return n
+
+
+def op_name_of(n: fx.Node) -> str:
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return name if isinstance(name, str) else ""
+
+
+_IN_PLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor)
+_VIEWS = {"view", "reshape", "view_as", "reshape_as", "transpose", "permute", "getitem", "flatten", "unflatten",
+          "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "split", "chunk", "unbind", "t",
+          "contiguous", "as_strided", "movedim", "swapaxes", "diagonal", "detach", "unfold"}

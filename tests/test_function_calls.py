@@ -1,0 +1,109 @@
+"""Layers written as function calls on the model's own tensors: ``F.conv2d`` with a parameter or buffer weight
+(blur pools, hand-written convolutions) and ``torch.stack`` of branch features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mdprune
+
+from .conftest import check_plan
+
+
+class Blur(nn.Module):
+    """A fixed per-channel blur, as an anti-aliasing downsample (TResNet's): a non-persistent buffer holds one
+    filter per channel, and ``groups`` is a literal."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        f = torch.tensor([1.0, 2.0, 1.0])
+        self.channels = channels
+        self.register_buffer("filt", (f[:, None] * f[None, :] / 16).repeat(channels, 1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=self.channels)
+
+
+class HandConv(nn.Module):
+    """A dense convolution written out with its own parameters."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3) * 0.2)
+        self.bias = nn.Parameter(torch.randn(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, 1, 1)
+
+
+class BlurNet(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blur = Blur(width)
+        self.body = HandConv(width, 2 * width)
+        self.head = nn.Linear(2 * width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(torch.relu(self.blur(self.stem(x))))).mean((2, 3)))
+
+
+def _check(space: mdprune.PruningSpace, x: torch.Tensor) -> None:
+    """The identity plan, every dimension at half its width, and a random plan: all exact."""
+    with torch.no_grad():
+        dense = space.module(x)
+    check_plan(space, mdprune.Plan.identity(), x, dense, "identity")
+    assert check_plan(space, mdprune.Plan.uniform(space, 0.5), x, label="half")
+    check_plan(space, mdprune.Plan.random(space, seed=1), x, label="random")
+
+
+def test_functional_convolutions_prune_exactly() -> None:
+    torch.manual_seed(0)
+    model, x = BlurNet().eval(), torch.randn(2, 3, 12, 12)
+    space = mdprune.analyze(model, x)
+    _check(space, x)
+    assert {"stem", "body"} <= {d.name for d in space.prunable_dims()}
+    assert space.tensors["body.weight"].axes[1] == space.tensors["blur.filt"].axes[0]
+    assert {o.name for o in space.ops if o.kind == "conv2d"} == {"stem", "blur.conv2d", "body.conv2d_1"}
+    slim = mdprune.slim(space, mdprune.Plan.uniform(space, 0.5))
+    assert slim.blur.filt.shape[0] == slim.stem.out_channels == 8
+    assert slim.body.weight.shape == (16, 8, 3, 3)
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.weight = nn.Parameter(torch.randn(8, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.stem(x), self.weight, groups=2).mean((2, 3))
+
+
+def test_grouped_convolution_call_is_refused_by_name() -> None:
+    with pytest.raises(mdprune.AnalysisError, match="grouped convolution call"):
+        mdprune.analyze(Grouped(), torch.randn(1, 3, 4, 4))
+
+
+class TwoBranches(nn.Module):
+    """Two branch classifiers' features stacked and averaged (CrossViT's head), then one more layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 32), nn.Linear(6, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(torch.stack([self.a(x), self.b(x)], dim=1).mean(1)))
+
+
+def test_stacked_features_share_their_channels() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    space = mdprune.analyze(TwoBranches().eval(), x)
+    _check(space, x)
+    assert space.tensors["a.weight"].axes[0] == space.tensors["b.weight"].axes[0]
+    assert len(space.prunable_dims()) == 1
