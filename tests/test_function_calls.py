@@ -107,3 +107,34 @@ def test_stacked_features_share_their_channels() -> None:
     _check(space, x)
     assert space.tensors["a.weight"].axes[0] == space.tensors["b.weight"].axes[0]
     assert len(space.prunable_dims()) == 1
+
+
+class WrittenLinear(nn.Module):
+    """Products with parameters: a feature projection ``x @ w`` (SwiftFormer's ``q @ w_g``), a token mixer
+    ``t @ x`` over the tokens, and relative logits ``x @ rel.T`` whose result has no channels."""
+
+    def __init__(self, dim: int = 32, tokens: int = 6):
+        super().__init__()
+        self.inp = nn.Linear(5, dim)
+        self.w = nn.Parameter(torch.randn(dim, 12) * 0.2)
+        self.t = nn.Parameter(torch.randn(tokens, tokens) * 0.3)
+        self.rel = nn.Parameter(torch.randn(tokens, dim) * 0.2)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))  # (B, N, dim)
+        mixed = self.t @ h  # tokens mixed, channels kept
+        logits = (h @ self.rel.transpose(0, 1)).softmax(-1)  # (B, N, N): no channels
+        gate = (h @ self.w).mean(-1, keepdim=True)  # (B, N, 1)
+        return self.out(logits @ mixed * gate).mean(1)
+
+
+def test_products_with_parameters_are_followed() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    space = mdprune.analyze(WrittenLinear().eval(), x)
+    _check(space, x)
+    d = space.tensors["w"].axes[0][0].dims[0]
+    assert space.dims[d].prunable and space.tensors["rel"].axes[1] == space.tensors["w"].axes[0]
+    assert "t" not in space.tensors and 1 not in space.tensors["w"].axes  # not channels: kept as they are
+    assert sum(o.kind == "matmul" for o in space.ops) >= 3

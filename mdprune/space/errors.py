@@ -8,6 +8,12 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+# the messages of the guards the tracer writes where it fixed a shape-dependent branch or number to the example's
+GUARD = "mdprune traced this model for the example input's shapes, and this shape-dependent branch now goes the " \
+    "other way"
+NUMBER_GUARD = "mdprune traced this model for the example input's shapes, and a number computed from them (int(), " \
+    "float(), range()) now differs"
+
 
 @dataclass(frozen=True)
 class Problem:

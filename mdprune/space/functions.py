@@ -557,8 +557,10 @@ def _matmul(prop: Propagation, node: fx.Node) -> Any:
     a, b = node.args[0], _arg(node, 1, "other")
     va, vb, sa, sb = prop.value(a), prop.value(b), _shape(a), _shape(b)
     if isinstance(va, ParamRef) or isinstance(vb, ParamRef):
-        if isinstance(va, Chan) or isinstance(vb, Chan) or _bound_somewhere(prop, va, vb):
-            return _fail(node, "multiplies channels by a parameter (a hand-written linear layer)")
+        if isinstance(va, Chan) or isinstance(vb, Chan):
+            return _by_parameter(prop, node, va, vb, sa, sb)
+        if _bound_somewhere(prop, va, vb):
+            return _fail(node, "multiplies a parameter bound to channels by another")
         return None
     if not isinstance(sa, tuple) or not isinstance(sb, tuple) or len(sa) < 2 or len(sb) < 2:
         return None if not (isinstance(va, Chan) or isinstance(vb, Chan)) else _fail(node, "multiplies a vector")
@@ -598,6 +600,35 @@ def _matmul(prop: Propagation, node: fx.Node) -> Any:
                            "channels")  # (its cost counted, fixed)
     _matmul_op(prop, node, (RawSeg((width,)),), sa, sb, out, a_axis=-1, b_axis=-2)
     return None
+
+
+def _by_parameter(prop: Propagation, node: fx.Node, va: Any, vb: Any, sa: Any, sb: Any) -> Any:
+    """A written-out linear map: channels times a parameter (SwiftFormer's ``q @ self.w_g``, BoTNet's relative
+    logits ``q @ rel.T``). Channels contracted with the parameter bind its axis; its other axis is kept whole
+    and the product has no channels. Channels on the other axis pass through (a parameter mixing tokens)."""
+    x, sx, left = (va, sa, True) if isinstance(va, Chan) else (vb, sb, False)
+    w, sw = (vb, sb) if left else (va, sa)
+    out = node.meta["mdp_shape"]
+    if not isinstance(sx, tuple) or not isinstance(sw, tuple) or len(sx) < 2 or len(sw) < 2:
+        return _fail(node, "multiplies channels by a parameter vector")
+    place = len(sx) - x.axis  # left: 1 contracted, 2 rows; right: 2 contracted, 1 columns
+    if place > 2:
+        return _fail(node, "multiplies matrices batched over channels by a parameter")
+    if (place == 1) == left:  # contracted with the parameter's axis
+        axis = w.axes[len(sw) - 2] if left else w.axes[len(sw) - 1]
+        if axis is None:
+            return _fail(node, "contracts channels with a parameter's broadcast axis")
+        prop.bind(w.tensor, axis, x.segs, node, "in")
+        other = w.axes[len(sw) - 1] if left else w.axes[len(sw) - 2]
+        prop.unpruned_params.append((w.tensor, node, other))  # its other axis: kept whole wherever it is bound
+        _matmul_op(prop, node, x.segs, sa, sb, out, a_axis=-1, b_axis=-2)
+        return None
+    for ax in w.axes:  # the parameter only mixes what is not channels
+        if ax is not None:
+            prop.unpruned_params.append((w.tensor, node, ax))
+    _matmul_op(prop, node, x.segs, sa, sb, out, **({"a_axis": -2, "out_axis": -2} if left
+                                                    else {"b_axis": -1, "out_axis": -1}))
+    return Chan(len(out) - place, x.segs)
 
 
 def _matmul_op(prop: Propagation, node: fx.Node, segs: tuple[RawSeg, ...], sa: tuple[int, ...],
@@ -742,6 +773,15 @@ def _fold(prop: Propagation, node: fx.Node) -> Any:
     return Chan(1, tuple(RawSeg(s.spaces, s.inner // k) for s in v.segs))
 
 
+def _setitem(prop: Propagation, node: fx.Node) -> Any:
+    """``x[index] = value`` on a tensor without channels (ConViT's relative position indices, written from
+    constants): nothing to follow. Writing into channels or writing channels somewhere is not supported."""
+    target, _, value = node.args
+    if isinstance(prop.value(target), (Chan, Several)) or isinstance(prop.value(value), (Chan, Several)):
+        return _fail(node, "assigns into a tensor's items where channels are involved")
+    return None
+
+
 def _fail(node: fx.Node, what: str) -> Any:
     raise AnalysisError(f"{where(node)} {what}; not supported")
 
@@ -769,6 +809,7 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "expand": _expand,
     "expand_as": _expand,
     "getitem": _getitem,
+    "setitem": _setitem,
     "softmax": _softmax,
     "normalize": _normalize,
     "repeat": _repeat,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
-from .errors import AnalysisError, where
+from .errors import GUARD, NUMBER_GUARD, AnalysisError, where
 from .values import Chan, ParamRef, RawSeg, Several
 
 if TYPE_CHECKING:
@@ -159,6 +159,18 @@ def _computed_width(prop: Propagation, node: fx.Node, lit: fx.Node, new: Chan) -
         prop.defer(lambda: _proportional(prop, factors[0], new.segs) or _protect_all(
             prop, node, [*found, new.segs], "sets its channel count by a value computed from other channels"))
     return new
+
+
+def guard(prop: Propagation, node: fx.Node) -> None:
+    """``torch._assert(cond, msg)``. A guard the tracer wrote where it fixed a branch or a number to the example's
+    shapes (``if C > 64:``, ``int(C ** .5)``): the channel counts its condition reads are kept whole, since a slim
+    model's other count would fail it."""
+    msg = node.args[1] if len(node.args) > 1 else node.kwargs.get("assert_msg")
+    if msg not in (GUARD, NUMBER_GUARD):
+        return
+    found: list[tuple[RawSeg, ...]] = []
+    _channel_factors(prop, node.args[0], found)
+    _protect_all(prop, node, found, "is a branch or number the trace fixed for this width")
 
 
 def sized_like(prop: Propagation, node: fx.Node, other: Any, new: Chan) -> None:
@@ -324,4 +336,5 @@ def several_items(prop: Propagation, a: Any) -> tuple[list[Any], list[Any]] | No
 
 
 SPLIT_RULES = {"chunk": split_rule, "split": split_rule, "split_with_sizes": split_rule,
-               "tensor_split": split_rule, "unbind": split_rule, "narrow": narrow_rule}
+               "tensor_split": split_rule, "unbind": split_rule, "narrow": narrow_rule,
+               "_assert": guard}  # (a guard reads computed sizes as the reshape rules do)

@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .attention import attention_adapter
-from .errors import AnalysisError, Problem, where
+from .errors import GUARD, NUMBER_GUARD, AnalysisError, Problem, where
 from .inline import inline_wrapped
 from .modules import is_known_leaf
 
@@ -69,8 +69,22 @@ class _Tracer(fx.Tracer):
             return super().to_bool(obj)
         value = bool(value)
         cond = obj if value else self.create_proxy("call_function", operator.not_, (obj,), {})
-        self.create_proxy("call_function", torch._assert, (cond, _GUARD), {})
+        self.create_proxy("call_function", torch._assert, (cond, GUARD), {})
         return value
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _NumberProxy(node, self)
+
+    def to_number(self, obj: fx.Proxy, kind: type) -> Any:
+        """``int(obj)`` / ``float(obj)`` / ``range(obj)`` on a value computed from shapes (ConViT's
+        ``int(num_patches ** .5)``): the example's value, with a guard in the graph as for a branch."""
+        value = self.shape_value(obj.node)
+        if value is _UNKNOWN or isinstance(value, torch.Tensor):
+            raise TypeError(f"{kind.__name__}() of a traced value that mdprune cannot compute from the example "
+                            "input's shapes")
+        same = self.create_proxy("call_function", operator.eq, (obj, value), {})
+        self.create_proxy("call_function", torch._assert, (same, NUMBER_GUARD), {})
+        return kind(value)
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         value = self.shape_value(obj.node)
@@ -128,9 +142,24 @@ class _Tracer(fx.Tracer):
         return any(self.values[a][1] for a in inputs) or n.op in ("call_module", "get_attr") or name in _RANDOM
 
 
+class _NumberProxy(fx.Proxy):
+    """A proxy that Python's number conversions turn into the example's value (see ``_Tracer.to_number``) and
+    that records item assignment."""
+
+    def __int__(self) -> int:
+        return self.tracer.to_number(self, int)
+
+    def __index__(self) -> int:
+        return self.tracer.to_number(self, int)
+
+    def __float__(self) -> float:
+        return self.tracer.to_number(self, float)
+
+    def __setitem__(self, index: Any, value: Any) -> None:  # ``x[..., 2] = y``, recorded as a call
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
 _UNKNOWN = object()
-_GUARD = "mdprune traced this model for the example input's shapes, and this shape-dependent branch now goes " \
-         "the other way"
 _SHAPE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
 # ops whose output shape depends on the input's values
