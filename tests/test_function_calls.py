@@ -138,3 +138,61 @@ def test_products_with_parameters_are_followed() -> None:
     assert space.dims[d].prunable and space.tensors["rel"].axes[1] == space.tensors["w"].axes[0]
     assert "t" not in space.tensors and 1 not in space.tensors["w"].axes  # not channels: kept as they are
     assert sum(o.kind == "matmul" for o in space.ops) >= 3
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum, a relative position term with a parameter (SAM's ``bhwc,hkc->bhwk``) and
+    an einsum without channels."""
+
+    def __init__(self, dim: int = 64, heads: int = 2, tokens: int = 6):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.rel = nn.Parameter(torch.randn(tokens, dim // heads) * 0.2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = (f(x).reshape(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        logits = torch.einsum("bhnd,bhmd->bhnm", q, k) + torch.einsum("bhnd,md->bhnm", q, self.rel)
+        probs = logits.softmax(-1)
+        probs = torch.einsum("bhnm,bhmk->bhnk", probs, probs)  # no channels
+        out = torch.einsum("bhnm,bhmd->bhnd", probs, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class EinsumNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(5, 64), EinsumAttention(), nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head(h + self.attn(h)).mean(1)
+
+
+def test_einsum_products_are_followed() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    space = mdprune.analyze(EinsumNet().eval(), x)
+    _check(space, x)
+    dims = {t: {d for seg in space.tensors[t].axes[a] for d in seg.dims} for t, a in
+            (("attn.rel", 1), ("attn.k.weight", 0), ("attn.q.weight", 0))}
+    assert dims["attn.rel"] <= dims["attn.k.weight"] == dims["attn.q.weight"]  # the q/k width of a head
+    assert space.tensors["attn.v.weight"].axes[0] != space.tensors["attn.k.weight"].axes[0]
+    assert sum(o.kind == "einsum" for o in space.ops) == 4
+    assert any(d.prunable for d in space.dims.values() if d.name.startswith("attn.v"))
+
+
+def test_an_einsum_summing_channels_keeps_them_whole() -> None:
+    class Sum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.b(h) * torch.einsum("nc->n", h)[:, None]
+
+    space = mdprune.analyze(Sum(), torch.randn(3, 4))
+    assert "sums them within one einsum operand" in space.dims["a"].protected

@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .conv_calls import CONV_RULES
+from .einsum import EINSUM_RULES
 from .errors import AnalysisError, where
 from .splits import MAX_COPIES, SPLIT_RULES, keep_whole, reshape_channels, several_items, sized_like, slice_channels
 from .values import Chan, ParamRef, RawSeg, Several
@@ -822,6 +823,7 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
 }
 _RULES.update(SPLIT_RULES)
 _RULES.update(CONV_RULES)
+_RULES.update(EINSUM_RULES)
 
 
 # ---- norms called as functions (inside a norm module mdprune traces into) -------------------------------------
