@@ -44,6 +44,7 @@ MODELS = [
     "timm:caformer_s18", "timm:mixer_s16_224", "timm:resmlp_12_224", "timm:gmlp_ti16_224", "timm:ecaresnet26t",
     "timm:visformer_tiny", "timm:pvt_v2_b0", "timm:tiny_vit_5m_224", "timm:twins_svt_small",
     "timm:edgenext_xx_small", "timm:efficientvit_b0",
+    "timm:tresnet_m", "timm:crossvit_tiny_240", "timm:convit_tiny", "timm:swiftformer_xs", "timm:mvitv2_tiny",
 ]
 
 

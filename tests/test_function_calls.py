@@ -196,3 +196,28 @@ def test_an_einsum_summing_channels_keeps_them_whole() -> None:
 
     space = mdprune.analyze(Sum(), torch.randn(3, 4))
     assert "sums them within one einsum operand" in space.dims["a"].protected
+
+
+class WrittenNorms(nn.Module):
+    """A norm written out over the channels (``var`` over axis 1, MobileNetV5-like) and a max over tokens
+    (VOLO's class-token pooling) with its indices."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 1), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = h / (h.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        t = torch.relu(self.b(h)).flatten(2).transpose(1, 2)  # (B, N, C)
+        values, _ = t.max(1)
+        return self.c(values + t.mean(1))
+
+
+def test_reductions_over_channels_keep_them_whole_and_others_pass() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    space = mdprune.analyze(WrittenNorms().eval(), x)
+    _check(space, x)
+    assert "reduces over them" in space.dims["a"].protected
+    assert space.dims["b"].prunable  # max over the tokens keeps the channels

@@ -44,6 +44,8 @@ def test_numbers_from_shapes_follow_the_example_and_are_guarded() -> None:
     space = mdprune.analyze(model, x)
     check_plan(space, mdprune.Plan.identity(), x, model(x).detach(), "identity")
     assert check_plan(space, mdprune.Plan.uniform(space, 0.5), x, label="half")  # the embedding stays prunable
+    slim = mdprune.slim(space, mdprune.Plan.uniform(space, 0.5), model)  # the tracer's constants are not weights
+    assert slim(x).shape == (2, 4)
 
 
 class ChannelCount(nn.Module):

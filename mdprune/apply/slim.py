@@ -23,10 +23,11 @@ def load_dense_weights(space: PruningSpace, model: nn.Module | None) -> fx.Graph
     if model is not None:
         src = model.state_dict()
         own = gm.state_dict()
-        missing = [k for k in own if k not in src]
+        made = {k for k in own if k.rpartition(".")[2].startswith("_tensor_constant")}  # by the tracer, not weights
+        missing = [k for k in own if k not in src and k not in made]
         if missing:
             raise ValueError(f"the model given has no weights for {missing[:5]} ...; is it the analysed model?")
-        gm.load_state_dict({k: src[k] for k in own})
+        gm.load_state_dict({k: src[k] if k in src else own[k] for k in own})
     return gm
 
 

@@ -37,7 +37,8 @@ SPATIAL = {
     "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "interpolate",
     "upsample", "upsample_bilinear", "upsample_nearest",
 }
-REDUCE = {"mean", "sum", "amax", "amin", "nanmean"}
+REDUCE = {"mean", "sum", "amax", "amin", "nanmean", "var", "std", "prod", "logsumexp", "nansum", "norm"}
+_KEEPDIM_AT = {"var": 3, "std": 3, "norm": 3}  # (input, dim | p, unbiased | dim, keepdim); others (input, dim, keepdim)
 # Ops that never produce tensors carrying channels (shape queries, checks).
 SHAPE = {"size", "dim", "numel", "getattr", "eq", "ne", "lt", "le", "gt", "ge", "_assert", "len",
          "floordiv", "mod", "is_floating_point"}
@@ -480,14 +481,33 @@ def _getitem(prop: Propagation, node: fx.Node) -> Any:
 
 
 def _reduce(prop: Propagation, node: fx.Node) -> Any:
+    """A reduction (``mean``, ``var``, ...). Over other axes the channels stay; over the channels (a norm written
+    out, a channel sum) they are kept whole: the statistic then stays the dense one."""
     v, src = prop.value(node.args[0]), _shape(node.args[0])
     if not isinstance(v, Chan):
         return None if not isinstance(v, ParamRef) else _fail(node, "reduces a parameter")
-    dims = _norm_dims(_arg(node, 1, "dim"), len(src))
-    keep = _arg(node, 2, "keepdim", False)
+    name = op_name(node)
+    dim = _arg(node, 2 if name == "norm" else 1, "dim")
+    if name == "norm" and not isinstance(dim, (int, tuple, list)):
+        dim = None
+    dims = _norm_dims(dim, len(src))
+    keep = _arg(node, _KEEPDIM_AT.get(name, 2), "keepdim", False)
     if v.axis in dims:
-        raise AnalysisError(f"{where(node)} reduces over the channel axis")
+        prop.protect(v.segs, f"{where(node)} reduces over them")
+        return None
     return v if keep else v.moved(v.axis - sum(1 for d in dims if d < v.axis))
+
+
+def _max_min(prop: Propagation, node: fx.Node) -> Any:
+    """``x.max(dim)`` / ``min``: values and indices, reduced like ``amax``; ``x.max()`` a scalar; ``max(x, y)``
+    element-wise."""
+    other = _arg(node, 1, "dim")
+    if isinstance(other, fx.Node) and isinstance(other.meta.get("mdp_shape"), tuple):
+        return _binary(prop, node)
+    v = _reduce(prop, node)
+    if other is None and "dim" not in node.kwargs:
+        return v
+    return Several((v, v))
 
 
 def _pad(prop: Propagation, node: fx.Node) -> Any:
@@ -791,6 +811,8 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     **dict.fromkeys(BINARY, _binary),
     **dict.fromkeys(SPATIAL, _spatial),
     **dict.fromkeys(REDUCE, _reduce),
+    "max": _max_min,
+    "min": _max_min,
     "cat": _cat,
     "stack": _stack,
     "addcmul": _addcmul,
