@@ -1,4 +1,4 @@
-"""Numbers and item assignment computed from shapes while tracing (``int(n ** .5)``, ``range(n)``,
+"""Numbers and item assignment computed from shapes while tracing (``int(n ** .5)``, ``float(n)``,
 ``x[..., 0] = ...``): fixed to the example input's values with a guard, as a branch on shapes is."""
 
 from __future__ import annotations
@@ -66,3 +66,21 @@ def test_a_number_fixed_from_a_channel_count_keeps_it_whole() -> None:
     parts = [d for d in space.dims.values() if d.name.startswith("a[")]  # (the slice splits a's channels)
     assert parts and all(not d.prunable and "the trace fixed" in d.protected for d in parts)
     assert space.dims["b"].prunable
+
+
+class BatchZeros(nn.Module):
+    """``torch.zeros(B, ...)`` from the input's batch size (EdgeNeXt's positional encoding): recorded as a call,
+    never fixed to the example's batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) + torch.zeros((x.shape[0], 16)))
+
+
+def test_sizes_given_to_torch_stay_symbolic() -> None:
+    space = mdprune.analyze(BatchZeros(), torch.randn(2, 4))
+    slim = mdprune.slim(space, mdprune.Plan.uniform(space, 0.5))
+    assert slim(torch.randn(5, 4)).shape == (5, 2)

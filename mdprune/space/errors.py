@@ -12,7 +12,7 @@ import torch.fx as fx
 GUARD = "mdprune traced this model for the example input's shapes, and this shape-dependent branch now goes the " \
     "other way"
 NUMBER_GUARD = "mdprune traced this model for the example input's shapes, and a number computed from them (int(), " \
-    "float(), range()) now differs"
+    "float()) now differs"
 
 
 @dataclass(frozen=True)

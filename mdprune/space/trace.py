@@ -76,8 +76,9 @@ class _Tracer(fx.Tracer):
         return _NumberProxy(node, self)
 
     def to_number(self, obj: fx.Proxy, kind: type) -> Any:
-        """``int(obj)`` / ``float(obj)`` / ``range(obj)`` on a value computed from shapes (ConViT's
-        ``int(num_patches ** .5)``): the example's value, with a guard in the graph as for a branch."""
+        """``int(obj)`` / ``float(obj)`` on a value computed from shapes (ConViT's ``int(num_patches ** .5)``):
+        the example's value, with a guard in the graph as for a branch. (No ``__index__``: torch's own argument
+        parser would then fix sizes such as ``torch.zeros(B, C)`` that fx records as they are.)"""
         value = self.shape_value(obj.node)
         if value is _UNKNOWN or isinstance(value, torch.Tensor):
             raise TypeError(f"{kind.__name__}() of a traced value that mdprune cannot compute from the example "
@@ -147,9 +148,6 @@ class _NumberProxy(fx.Proxy):
     that records item assignment."""
 
     def __int__(self) -> int:
-        return self.tracer.to_number(self, int)
-
-    def __index__(self) -> int:
         return self.tracer.to_number(self, int)
 
     def __float__(self) -> float:
