@@ -17,7 +17,7 @@ from .epilogue import epilogue
 from .errors import AnalysisError, Problem
 from .nodes import node_op
 from .space import MAX_CHOICES, Block, Dimension, Op, Patch, PruningSpace, Seg, TensorAxes, default_step
-from .trace import record_shapes, trace
+from .trace import fetch, record_shapes, trace
 from .values import RawSeg
 
 
@@ -181,7 +181,7 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
 
     tensors: dict[str, TensorAxes] = {}
     for t, axes in prop.bindings.items():
-        shape = tuple(state[t].shape) if t in state else tuple(_tensor(gm, t).shape)  # (a non-persistent buffer)
+        shape = tuple(state[t].shape) if t in state else tuple(fetch(gm, t).shape)  # (a non-persistent buffer)
         tensors[t] = TensorAxes(t, shape, {a: segs(s) for a, s in axes.items()}, tensor_block.get(t),
                                 dict(prop.roles[t]))
 
@@ -243,7 +243,3 @@ def _common_prefix(mods: list[str]) -> str:
     common = os.path.commonprefix(parts)
     return ".".join(common)
 
-
-def _tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)

@@ -117,7 +117,7 @@ class _Tracer(fx.Tracer):
                 return self.example[k].clone(), True
             return n.args[0] if n.args else None, False
         if n.op == "get_attr":
-            return _fetch(self.root, n.target), True
+            return fetch(self.root, n.target), True
         if any(self.values.get(a, (_UNKNOWN,))[0] is _UNKNOWN for a in n.all_input_nodes):
             return _UNKNOWN, True
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.values[a][0])
@@ -166,7 +166,8 @@ _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like"
            "multinomial", "normal", "uniform_", "normal_", "bernoulli_", "exponential_", "random_"}
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
+def fetch(root: nn.Module, target: str) -> Any:
+    """``root``'s attribute at the dotted path ``target`` (a parameter, buffer or constant)."""
     obj: Any = root
     for atom in target.split("."):
         obj = getattr(obj, atom)
