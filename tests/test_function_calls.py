@@ -221,3 +221,26 @@ def test_reductions_over_channels_keep_them_whole_and_others_pass() -> None:
     _check(space, x)
     assert "reduces over them" in space.dims["a"].protected
     assert space.dims["b"].prunable  # max over the tokens keeps the channels
+
+
+class TiledPositions(nn.Module):
+    """A window position embedding tiled over the windows (Hiera's absolute-window embedding): the parameter is
+    repeated along its own spatial axes, its channel axis follows the features'."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.Linear(16, 4)
+        self.pos = nn.Parameter(torch.randn(1, 16, 2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.pos.tile([s // w for s, w in zip(h.shape[-2:], self.pos.shape[-2:], strict=True)])
+        return self.head(torch.relu(h + self.pos.repeat(1, 1, 2, 2)).mean((2, 3)))
+
+
+def test_parameters_tiled_along_their_own_axes_keep_their_channels() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    space = mdprune.analyze(TiledPositions().eval(), x)
+    _check(space, x)
+    assert space.dims["stem"].prunable

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..space import PruningSpace
-from ..space.functions import op_name
+from ..space.op_names import op_name
 
 
 @dataclass(frozen=True)

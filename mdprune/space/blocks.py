@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from .functions import op_name
+from .op_names import op_name
 from .trace import live_nodes, written_by
 from .values import Chan
 

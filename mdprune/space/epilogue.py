@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from .functions import op_name
+from .op_names import op_name
 
 # leaf module type -> epilogue name (None: free, skipped)
 _MODULES: dict[type, str | None] = {

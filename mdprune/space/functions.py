@@ -7,7 +7,6 @@ channels and has no rule is an error that names it: mdprune never guesses.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from .conv_calls import CONV_RULES
 from .einsum import EINSUM_RULES
 from .errors import AnalysisError, where
+from .op_names import op_name
 from .splits import MAX_COPIES, SPLIT_RULES, keep_whole, reshape_channels, several_items, sized_like, slice_channels
 from .values import Chan, ParamRef, RawSeg, Several
 
@@ -42,15 +42,6 @@ _KEEPDIM_AT = {"var": 3, "std": 3, "norm": 3}  # (input, dim | p, unbiased | dim
 # Ops that never produce tensors carrying channels (shape queries, checks).
 SHAPE = {"size", "dim", "numel", "getattr", "eq", "ne", "lt", "le", "gt", "ge", "_assert", "len",
          "floordiv", "mod", "is_floating_point"}
-
-
-def op_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return node.target
-    if node.target is operator.getitem:
-        return "getitem"
-    name = getattr(node.target, "__name__", str(node.target))
-    return {"_assert": "_assert", "cat": "cat", "concat": "cat", "concatenate": "cat"}.get(name, name)
 
 
 def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
@@ -338,7 +329,7 @@ def _reshape(prop: Propagation, node: fx.Node) -> Any:
         prop.protect(v.segs, f"{where(node)} reshapes a single-channel axis")
         return None
     ga, gb = next((ga, gb) for ga, gb in groups if v.axis in ga)
-    new = reshape_channels(prop, node, v, src, out, ga, gb, _shape_args(node))
+    new = reshape_channels(prop, node, v, src, out, ga, gb, _shape_args(node), _statistics(node))
     if node.target in ("reshape_as", "view_as"):
         sized_like(prop, node, prop.value(node.args[1]), new)
     return new
@@ -480,6 +471,33 @@ def _getitem(prop: Propagation, node: fx.Node) -> Any:
     return slice_channels(prop, node, v, src[v.axis], start, max(start, stop))
 
 
+def _reduced_dims(node: fx.Node, rank: int) -> list[int]:
+    """The axes a reduction node (``mean``, ``var``, ``norm``, ...) reduces over its input of ``rank`` axes."""
+    name = op_name(node)
+    dim = _arg(node, 2 if name == "norm" else 1, "dim")
+    if name == "norm" and not isinstance(dim, (int, tuple, list)):
+        dim = None
+    return _norm_dims(dim, rank)
+
+
+def _statistics(node: fx.Node, depth: int = 3) -> list[set[int]]:
+    """The axes that the reductions reading ``node`` reduce, directly or through up to ``depth`` element-wise
+    ops and casts (``x.float().var((2, 3, 4))``): where a reshape's statistics are taken."""
+    shape, found, todo = node.meta.get("mdp_shape"), [], [(node, 0)]
+    if not isinstance(shape, tuple):
+        return []
+    while todo:
+        n, d = todo.pop()
+        for u in n.users:
+            if u.op not in ("call_function", "call_method") or u.args[:1] != (n,):
+                continue
+            if op_name(u) in REDUCE:
+                found.append(set(_reduced_dims(u, len(shape))))
+            elif d < depth and u.meta.get("mdp_shape") == shape and op_name(u) in UNARY | BINARY:
+                todo.append((u, d + 1))
+    return found
+
+
 def _reduce(prop: Propagation, node: fx.Node) -> Any:
     """A reduction (``mean``, ``var``, ...). Over other axes the channels stay; over the channels (a norm written
     out, a channel sum) they are kept whole: the statistic then stays the dense one."""
@@ -487,10 +505,7 @@ def _reduce(prop: Propagation, node: fx.Node) -> Any:
     if not isinstance(v, Chan):
         return None if not isinstance(v, ParamRef) else _fail(node, "reduces a parameter")
     name = op_name(node)
-    dim = _arg(node, 2 if name == "norm" else 1, "dim")
-    if name == "norm" and not isinstance(dim, (int, tuple, list)):
-        dim = None
-    dims = _norm_dims(dim, len(src))
+    dims = _reduced_dims(node, len(src))
     keep = _arg(node, _KEEPDIM_AT.get(name, 2), "keepdim", False)
     if v.axis in dims:
         prop.protect(v.segs, f"{where(node)} reduces over them")
@@ -747,15 +762,21 @@ def _sdpa(prop: Propagation, node: fx.Node) -> Any:
 
 
 def _repeat(prop: Propagation, node: fx.Node) -> Any:
-    """``x.repeat(*sizes)``: channels unchanged where their axis is not repeated (new leading axes shift it)."""
+    """``x.repeat(*sizes)`` and ``x.tile(sizes)``: channels unchanged where their axis is not repeated (new
+    leading axes shift it). A parameter repeated along an axis of its own (a window's position embedding tiled
+    over the windows) keeps that axis whole."""
     v, src = prop.value(node.args[0]), _shape(node.args[0])
     sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
         else list(node.args[1:])
+    if op_name(node) == "tile" and src is not None and len(sizes) < len(src):  # tile pads its sizes with 1s
+        sizes = [1] * (len(src) - len(sizes)) + sizes
     if isinstance(v, ParamRef):
-        own = zip(sizes[len(sizes) - len(v.axes):], v.axes, src or (), strict=False)
-        if any(n != 1 and a is not None and width != 1 for n, a, width in own):
-            raise AnalysisError(f"{where(node)} repeats parameter {v.tensor} along its own axes; not supported")
-        return ParamRef(v.tensor, (None,) * (len(sizes) - len(v.axes)) + v.axes)
+        axes = list(v.axes)
+        for k, (n, a, width) in enumerate(zip(sizes[len(sizes) - len(v.axes):], v.axes, src or (), strict=False)):
+            if n != 1 and a is not None and width != 1:
+                prop.unpruned_params.append((v.tensor, node, a))
+                axes[k] = None
+        return ParamRef(v.tensor, (None,) * (len(sizes) - len(v.axes)) + tuple(axes))
     if not isinstance(v, Chan) or src is None:
         return None
     lead = len(sizes) - len(src)
@@ -836,6 +857,7 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "softmax": _softmax,
     "normalize": _normalize,
     "repeat": _repeat,
+    "tile": _repeat,
     "fold": _fold,
     "repeat_interleave": _repeat_interleave,
     "matmul": _matmul,

@@ -16,7 +16,8 @@ from typing import Any
 import torch.fx as fx
 import torch.fx._symbolic_trace as fx_trace
 
-from .functions import has_rule, op_name
+from .functions import has_rule
+from .op_names import op_name
 
 MAX_ROUNDS = 4  # wrapped functions calling wrapped functions: traced into this deep
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch.fx as fx
 from torch import nn
 
-from .functions import op_name
+from .op_names import op_name
 from .values import Chan, ParamRef
 
 if TYPE_CHECKING:

@@ -107,12 +107,14 @@ def keep_whole(prop: Propagation, node: fx.Node, v: Chan, width: int, what: str)
 
 
 def reshape_channels(prop: Propagation, node: fx.Node, v: Chan, src: tuple[int, ...], out: tuple[int, ...],
-                     ga: list[int], gb: list[int], literal: list[Any]) -> Chan:
+                     ga: list[int], gb: list[int], literal: list[Any], statistics: list[set[int]] = ()) -> Chan:
     """A reshape of the channel axis (grouped with the source axes ``ga`` into the output axes ``gb``).
 
     Merging axes around the channel axis repeats the channels once per outer position and widens each by the
     inner positions; splitting the channel axis into several axes keeps as channel axis the one the inner
     repeats (``inner``) leave whole, and ties the outer pieces to each other (a channel shuffle's groups).
+    Split into groups x width per group with statistics taken within each group (``statistics``: the axes
+    the reductions reading the result reduce), the channel axis is the groups' instead (:func:`_by_groups`).
     """
     if len(gb) == 1:
         p = ga.index(v.axis)
@@ -121,12 +123,17 @@ def reshape_channels(prop: Propagation, node: fx.Node, v: Chan, src: tuple[int, 
             return keep_whole(prop, node, Chan(gb[0], v.segs), out[gb[0]], "repeats channels too often")
         new = Chan(gb[0], tuple(s.widen(inner) for s in v.segs) * outer)
     elif len(ga) == 1:
-        new = _split_axis(prop, node, v, [out[j] for j in gb], gb)
+        users = _group_count_users(node, v, literal, gb, statistics) if len(gb) == 2 else None
+        new = _by_groups(prop, node, v, out[gb[0]], out[gb[1]], gb[0], users) if users is not None else \
+            _split_axis(prop, node, v, [out[j] for j in gb], gb)
     else:
-        new = _split_and_merge(prop, node, v, src, out, ga, gb)
+        new = _split_and_merge(prop, node, v, src, out, ga, gb, literal, statistics)
     lit = literal[new.axis] if len(literal) == len(out) else None
     if isinstance(lit, int) and lit != -1:
         prop.patch(node, new.axis, new.segs)  # a literal width in the code: rewritten when slimming
+        if len(ga) == 1 and lit == src[v.axis]:  # one group per channel (EvoNorm's groups=C): ``C // groups``
+            for u in _divisions(node, v, lit):
+                prop.patch(u, 1, new.segs, keyword="other")
     elif isinstance(lit, fx.Node):
         return _computed_width(prop, node, lit, new)
     elif len(literal) == 1 and isinstance(literal[0], fx.Node):  # a whole shape: x.view(y.shape)
@@ -273,21 +280,73 @@ def _width_terms(prop: Propagation, segs: tuple[RawSeg, ...]) -> dict[tuple[int,
 
 
 def _split_and_merge(prop: Propagation, node: fx.Node, v: Chan, src: tuple[int, ...], out: tuple[int, ...],
-                     ga: list[int], gb: list[int]) -> Chan:
+                     ga: list[int], gb: list[int], literal: list[Any], statistics: list[set[int]]) -> Chan:
     """A reshape that splits some axes and merges others (MobileViT's unfold ``(B, C, H, W) -> (B*C*nh, ph, nw,
-    pw)``): seen as splitting every axis into the common factors of both shapes, then merging factors."""
+    pw)``, a GroupNorm written as ``x.view(B, G, -1)``): seen as splitting every axis into the common factors of
+    both shapes, then merging factors."""
     factors = _common_factors([src[i] for i in ga], [out[j] for j in gb])
     if factors is None:  # e.g. (2, 3) -> (3, 2): no common factors
         return keep_whole(prop, node, Chan(gb[0], v.segs), out[gb[0]], "reshapes channels across axes")
     spans_a, spans_b = _spans([src[i] for i in ga], factors), _spans([out[j] for j in gb], factors)
     lo, hi = spans_a[ga.index(v.axis)]
-    split = _split_axis(prop, node, v, factors[lo:hi], list(range(lo, hi))) if hi - lo > 1 else Chan(lo, v.segs)
+    on = [gb[next(q for q, (b_lo, b_hi) in enumerate(spans_b) if b_lo <= f < b_hi)] for f in (lo, hi - 1)]
+    users = _group_count_users(node, v, literal, on, statistics) if hi - lo == 2 and on[0] != on[1] else None
+    if users is not None:
+        split = _by_groups(prop, node, v, factors[lo], factors[lo + 1], lo, users)
+    else:
+        split = _split_axis(prop, node, v, factors[lo:hi], list(range(lo, hi))) if hi - lo > 1 else Chan(lo, v.segs)
     c = split.axis  # the factor that carries the channels
     q = next(k for k, (b_lo, b_hi) in enumerate(spans_b) if b_lo <= c < b_hi)
     outer, inner = math.prod(factors[spans_b[q][0]:c]), math.prod(factors[c + 1:spans_b[q][1]])
     if outer * len(split.segs) > MAX_COPIES:
         return keep_whole(prop, node, Chan(gb[q], split.segs), out[gb[q]], "repeats channels too often")
     return Chan(gb[q], tuple(s.widen(inner) for s in split.segs) * outer)
+
+
+def _group_count_users(node: fx.Node, v: Chan, literal: list[Any], axes: list[int],
+                       statistics: list[set[int]]) -> list[fx.Node] | None:
+    """Whether the channels split into groups (output axis ``axes[0]``) x width per group (``axes[1]``) are
+    split for statistics within each group (a reduction over the width per group, not over the groups: EvoNorm,
+    a GroupNorm written out); then the nodes the slim model must compute with the kept group count (``C //
+    groups``, ``C % groups``: the width per group and its check), else None. A width per group computed
+    otherwise than from the channel count: None (the width per group must stay what it is)."""
+    if not any(axes[1] in r and axes[0] not in r for r in statistics):
+        return None
+    lit = literal[axes[1]] if len(literal) == len(node.meta["mdp_shape"]) else None
+    if not isinstance(lit, fx.Node):
+        return [] if isinstance(lit, int) else None  # a literal width per group (or -1) stays right
+    c, g = lit.args if lit.target is operator.floordiv and len(lit.args) == 2 else (None, None)
+    q = _size_query(c) if isinstance(c, fx.Node) and isinstance(g, int) else None
+    if q is None or q[0] is not node.args[0] or q[1] != (v.axis,):
+        return None
+    return _divisions(node, v, g)
+
+
+def _divisions(node: fx.Node, v: Chan, g: int) -> list[fx.Node]:
+    """``C // g`` and ``C % g`` with ``C`` the reshape input's channel count read from its shape."""
+    x, counts = node.args[0], []
+    for u in x.users:
+        q = _size_query(u)
+        if q is not None and not q[2]:
+            counts += [w for w in u.users if _size_query(w) == (x, (v.axis,), True)]
+        elif q == (x, (v.axis,), True):
+            counts.append(u)
+    return [u for c in counts for u in c.users if u.target in (operator.floordiv, operator.mod) and u.args == (c, g)]
+
+
+def _by_groups(prop: Propagation, node: fx.Node, v: Chan, groups: int, width: int, axis: int,
+               users: list[fx.Node]) -> Chan:
+    """Channels as ``groups`` x ``width`` per group (group-major) with statistics taken within each group: whole
+    groups are pruned (the kept groups' statistics do not change), the width per group is kept; the channel
+    axis is the groups' (``axis``). ``users`` compute with the group count (``C // groups``): patched."""
+    g = prop.new_space(groups, "channel", f"{node.name}:groups")
+    prop.spaces[g].repeat = width
+    per = prop.new_space(width, "channel", node.name,
+                         protected=f"{where(node)} takes statistics within groups of {width} channels")
+    prop.unify(v.segs, (RawSeg((g, per)),), node)
+    for u in users:
+        prop.patch(u, 1, (RawSeg((g,)),), keyword="other")
+    return Chan(axis, (RawSeg((g,)),))
 
 
 def _common_factors(a: list[int], b: list[int]) -> list[int] | None:

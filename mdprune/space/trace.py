@@ -20,6 +20,7 @@ from .attention import attention_adapter
 from .errors import GUARD, NUMBER_GUARD, AnalysisError, Problem, where
 from .inline import inline_wrapped
 from .modules import is_known_leaf
+from .op_names import op_name
 
 
 class _Tracer(fx.Tracer):
@@ -354,7 +355,7 @@ def live_nodes(graph: fx.Graph) -> set[fx.Node]:
         elif _in_place(n):
             base = _written(n)
             if not isinstance(base, fx.Node) or base.op in ("placeholder", "get_attr") \
-                    or op_name_of(base) in _VIEWS or any(u in live for u in base.users if u is not n):
+                    or op_name(base) in _VIEWS or any(u in live for u in base.users if u is not n):
                 live.add(n)
     return live
 
@@ -375,7 +376,7 @@ def _in_place(n: fx.Node) -> bool:
         return False
     if n.kwargs.get("inplace") is True or n.target in _IN_PLACE_OPERATORS:
         return True
-    name = op_name_of(n)
+    name = op_name(n)
     return name.endswith("_") and not name.endswith("__")
 
 
@@ -392,11 +393,6 @@ def _written(n: fx.Node) -> Any:
         if not isinstance(n, fx.Node):
             return n
     return n
-
-
-def op_name_of(n: fx.Node) -> str:
-    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-    return name if isinstance(name, str) else ""
 
 
 _IN_PLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
