@@ -15,7 +15,8 @@ from torch import nn
 
 from ..space.errors import AnalysisError, where
 from ..space.functions import mark_normalized
-from ..space.values import Chan, RawSeg
+from ..space.splits import whole_groups
+from ..space.values import Chan
 from .masked_norm import MaskedRMSNorm
 from .registry import ChannelRule, LayerKind, builtin, layer_kind
 from .rules import bind, chan_input, input_channels, require_axis
@@ -51,11 +52,8 @@ def groupnorm_channels(prop: Propagation, node: fx.Node, m: nn.GroupNorm) -> Cha
     x = per_channel(prop, node, m, {"weight": "affine", "bias": "affine"})
     g, width = m.num_groups, m.num_channels // m.num_groups
     if width > 1:
-        groups = prop.new_space(g, "channel", f"{node.target}:groups")
-        prop.spaces[groups].repeat = width
-        per = prop.new_space(width, "channel", str(node.target),
-                             protected=f"width per group of GroupNorm {node.target} ({g} groups of {width})")
-        prop.unify(x.segs, (RawSeg((groups, per)),), node)
+        whole_groups(prop, node, x.segs, g, width, str(node.target),
+                     f"width per group of GroupNorm {node.target} ({g} groups of {width})")
     return x
 
 

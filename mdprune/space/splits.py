@@ -334,16 +334,23 @@ def _divisions(node: fx.Node, v: Chan, g: int) -> list[fx.Node]:
     return [u for c in counts for u in c.users if u.target in (operator.floordiv, operator.mod) and u.args == (c, g)]
 
 
+def whole_groups(prop: Propagation, node: fx.Node, segs: tuple[RawSeg, ...], groups: int, width: int, name: str,
+                 reason: str) -> int:
+    """``segs`` seen as ``groups`` x ``width`` per group (group-major), whole groups pruned and the width per
+    group kept whole for ``reason``; returns the groups' space."""
+    g = prop.new_space(groups, "channel", f"{name}:groups")
+    prop.spaces[g].repeat = width
+    prop.unify(segs, (RawSeg((g, prop.new_space(width, "channel", name, protected=reason)),),), node)
+    return g
+
+
 def _by_groups(prop: Propagation, node: fx.Node, v: Chan, groups: int, width: int, axis: int,
                users: list[fx.Node]) -> Chan:
     """Channels as ``groups`` x ``width`` per group (group-major) with statistics taken within each group: whole
     groups are pruned (the kept groups' statistics do not change), the width per group is kept; the channel
     axis is the groups' (``axis``). ``users`` compute with the group count (``C // groups``): patched."""
-    g = prop.new_space(groups, "channel", f"{node.name}:groups")
-    prop.spaces[g].repeat = width
-    per = prop.new_space(width, "channel", node.name,
-                         protected=f"{where(node)} takes statistics within groups of {width} channels")
-    prop.unify(v.segs, (RawSeg((g, per)),), node)
+    g = whole_groups(prop, node, v.segs, groups, width, node.name,
+                     f"{where(node)} takes statistics within groups of {width} channels")
     for u in users:
         prop.patch(u, 1, (RawSeg((g,)),), keyword="other")
     return Chan(axis, (RawSeg((g,)),))
