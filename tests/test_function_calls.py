@@ -244,3 +244,63 @@ def test_parameters_tiled_along_their_own_axes_keep_their_channels() -> None:
     space = mdprune.analyze(TiledPositions().eval(), x)
     _check(space, x)
     assert space.dims["stem"].prunable
+
+
+class SummedPositions(nn.Module):
+    """Hiera's absolute-window embedding: a global embedding resized to the feature map plus a window embedding
+    tiled over it; the sum of the two parameters is added to the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.Linear(16, 4)
+        self.pos = nn.Parameter(torch.randn(1, 16, 3, 3))
+        self.pos_win = nn.Parameter(torch.randn(1, 16, 2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        pos = F.interpolate(self.pos, size=h.shape[-2:], mode="bicubic")
+        pos = pos + self.pos_win.tile([s // w for s, w in zip(h.shape[-2:], self.pos_win.shape[-2:], strict=True)])
+        return self.head(torch.relu(h + pos).mean((2, 3)))
+
+
+def test_sums_of_parameters_follow_the_channels_they_meet() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    space = mdprune.analyze(SummedPositions().eval(), x)
+    _check(space, x)
+    assert space.dims["stem"].prunable
+    sizes = mdprune.Plan.uniform(space, 0.5).sizes(space)
+    slim = mdprune.slim(space, mdprune.Plan.uniform(space, 0.5))
+    assert slim.pos.shape[1] == slim.pos_win.shape[1] == sizes["stem"] < 16
+
+
+class ProductGain(nn.Module):
+    """A per-channel gain computed as the product of two parameters (a layer scale times a learned temperature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(6, 12), nn.Linear(12, 3)
+        self.gain, self.temp = nn.Parameter(torch.randn(12)), nn.Parameter(torch.randn(1, 12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.stem(x) * (self.gain * self.temp)))
+
+
+class SquareSum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+        self.stem = nn.Linear(5, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x) @ (self.a + self.b)
+
+
+def test_products_of_parameters_are_exact_or_refused_by_name() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    space = mdprune.analyze(ProductGain().eval(), x)
+    _check(space, x)
+    assert space.dims["stem"].prunable
+    with pytest.raises(mdprune.AnalysisError, match="2 shared axes"):
+        mdprune.analyze(SquareSum().eval(), torch.randn(4, 5))

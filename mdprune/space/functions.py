@@ -200,10 +200,30 @@ def _combine(prop: Propagation, node: fx.Node, va: Any, sa: Any, vb: Any, sb: An
         if other is None and s == out:  # parameter times a number: still the same parameter view
             return p
         if isinstance(va, ParamRef) and isinstance(vb, ParamRef):
-            raise AnalysisError(f"{where(node)} combines parameters {va.tensor} and {vb.tensor}; not supported")
+            return _parameter_sum(prop, node, va, sa, vb, sb, out)
         prop.unpruned_params.append((p.tensor, node, None))  # added to a tensor without channels (a bias on
         return None  # attention scores): the result has none; the parameter must stay whole (checked at the end)
     return None
+
+
+def _parameter_sum(prop: Propagation, node: fx.Node, va: ParamRef, sa: tuple[int, ...], vb: ParamRef,
+                   sb: tuple[int, ...], out: tuple[int, ...]) -> Chan:
+    """Two parameters combined element-wise (Hiera's ``pos_embed + pos_embed_win``): the one axis along which
+    both hold their own entries becomes channels of their own, with both parameters bound to them."""
+    shared = []
+    for j in range(len(out)):
+        ja, jb = j - (len(out) - len(sa)), j - (len(out) - len(sb))
+        if (ja >= 0 and jb >= 0 and out[j] > 1 and sa[ja] == sb[jb] == out[j]
+                and va.axes[ja] is not None and vb.axes[jb] is not None):
+            shared.append((j, ja, jb))
+    if len(shared) != 1:
+        raise AnalysisError(f"{where(node)} combines parameters {va.tensor} and {vb.tensor} along "
+                            f"{len(shared)} shared axes; not supported")
+    j, ja, jb = shared[0]
+    segs = (RawSeg((prop.new_space(out[j], "channel", f"{va.tensor}+{vb.tensor}"),)),)
+    prop.bind(va.tensor, va.axes[ja], segs, node, "param")
+    prop.bind(vb.tensor, vb.axes[jb], segs, node, "param")
+    return Chan(j, segs)
 
 
 def _cat(prop: Propagation, node: fx.Node) -> Any:
@@ -565,6 +585,8 @@ def _roll(prop: Propagation, node: fx.Node) -> Any:
 
 def _spatial(prop: Propagation, node: fx.Node) -> Any:
     v = prop.value(node.args[0])
+    if isinstance(v, ParamRef) and len(v.axes) == 4:  # pooled or resized positions are no longer its entries
+        return ParamRef(v.tensor, v.axes[:2] + (None, None))
     if isinstance(v, Chan) and (v.axis != 1 or len(_shape(node.args[0])) != 4):
         raise AnalysisError(f"{where(node)} expects NCHW channels on axis 1")
     return v
