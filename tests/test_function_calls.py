@@ -238,12 +238,18 @@ class TiledPositions(nn.Module):
         return self.head(torch.relu(h + self.pos.repeat(1, 1, 2, 2)).mean((2, 3)))
 
 
-def test_parameters_tiled_along_their_own_axes_keep_their_channels() -> None:
+def _positions_space(model: nn.Module) -> mdprune.PruningSpace:
+    """Analyse a position-embedding model on 8x8 images: exact plans, and the stem's channels stay prunable."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    space = mdprune.analyze(TiledPositions().eval(), x)
+    space = mdprune.analyze(model.eval(), x)
     _check(space, x)
     assert space.dims["stem"].prunable
+    return space
+
+
+def test_parameters_tiled_along_their_own_axes_keep_their_channels() -> None:
+    _positions_space(TiledPositions())
 
 
 class SummedPositions(nn.Module):
@@ -264,13 +270,9 @@ class SummedPositions(nn.Module):
 
 
 def test_sums_of_parameters_follow_the_channels_they_meet() -> None:
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 8, 8)
-    space = mdprune.analyze(SummedPositions().eval(), x)
-    _check(space, x)
-    assert space.dims["stem"].prunable
-    sizes = mdprune.Plan.uniform(space, 0.5).sizes(space)
-    slim = mdprune.slim(space, mdprune.Plan.uniform(space, 0.5))
+    space = _positions_space(SummedPositions())
+    plan = mdprune.Plan.uniform(space, 0.5)
+    sizes, slim = plan.sizes(space), mdprune.slim(space, plan)
     assert slim.pos.shape[1] == slim.pos_win.shape[1] == sizes["stem"] < 16
 
 
