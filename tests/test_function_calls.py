@@ -306,3 +306,29 @@ def test_products_of_parameters_are_exact_or_refused_by_name() -> None:
     assert space.dims["stem"].prunable
     with pytest.raises(mdprune.AnalysisError, match="2 shared axes"):
         mdprune.analyze(SquareSum().eval(), torch.randn(4, 5))
+
+
+class SoftmaxedParameters(nn.Module):
+    """Parameters passed through softmax: over the channels (their entries mix: kept whole), per channel over
+    another axis (prunable), and EfficientViM's head fusion (a softmax over its heads' weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 16, 3, padding=1)
+        self.mix, self.temp = nn.Parameter(torch.randn(12)), nn.Parameter(torch.randn(16, 2))
+        self.heads = nn.ModuleList([nn.Linear(12, 4), nn.Linear(16, 4)])
+        self.weights = nn.Parameter(torch.randn(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x) * self.mix.softmax(0).view(1, -1, 1, 1)
+        g = torch.relu(self.b(h)) * self.temp.softmax(-1)[:, 0].view(1, -1, 1, 1)
+        w = self.weights.softmax(-1)
+        return torch.stack([w[0] * self.heads[0](h.mean((2, 3))), w[1] * self.heads[1](g.mean((2, 3)))]).sum(0)
+
+
+def test_softmax_of_parameters_keeps_only_the_axis_it_mixes() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    space = mdprune.analyze(SoftmaxedParameters().eval(), x)
+    _check(space, x)
+    assert space.dims["a"].protected and space.dims["b"].prunable

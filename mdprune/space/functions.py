@@ -103,8 +103,9 @@ def elementwise_along(prop: Propagation, node: fx.Node, arg: Any, dim: int | Non
     if isinstance(v, Chan) and dim is not None and dim % len(shape) == v.axis:  # (VOLO's outlook weights)
         prop.protect(v.segs, f"{where(node)} mixes values across them (dim={dim})")
         return v
-    if isinstance(v, ParamRef):
-        raise AnalysisError(f"{where(node)} applies to parameter {v.tensor}; not supported")
+    if isinstance(v, ParamRef):  # mixed along ``dim``: those entries are no longer the parameter's own
+        mixed = range(len(v.axes)) if dim is None else [dim % len(v.axes)]
+        return ParamRef(v.tensor, tuple(None if i in mixed else a for i, a in enumerate(v.axes)))
     return v
 
 
