@@ -107,3 +107,46 @@ def test_one_group_per_channel_follows_the_kept_width() -> None:
     space = mdprune.analyze(Net(lambda c: GroupStd(c, 1)).eval(), x)
     _exact(space, x)
     assert space.dims["a"].prunable and space.dims["b"].prunable
+
+
+class CheckedBlock(nn.Module):
+    """A residual branch whose norm asserts its input's shape (timm's ``_assert(C % groups == 0)``), that checks
+    the shape of a parameter only it reads (SAM's relative positions) and fills a tensor made from its shape by
+    item assignment (ConViT's relative indices)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(channels, 8, 3, padding=1), nn.Conv2d(8, channels, 3, padding=1)
+        self.norm = GroupStd(8)
+        self.gain = nn.Parameter(torch.full((1, 1, 1, 1), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        torch._assert(h.dim() == 4, "expected 4D input")
+        torch._assert(self.gain.shape[0] == 1, "one gain")
+        pos = torch.zeros(1, 1, h.shape[2], h.shape[3])
+        pos[:, :, 0] = 1.0
+        return x + (self.conv2(torch.relu(self.norm(h))) * self.gain + pos)
+
+
+class CheckedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 12, 3, padding=1), nn.Linear(12, 5)
+        self.blocks = nn.Sequential(CheckedBlock(12), CheckedBlock(12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_shape_checks_inside_a_branch_leave_with_it() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    space = mdprune.analyze(CheckedNet().eval(), x)
+    assert len(space.removable_blocks()) == 2
+    _exact(space, x)
+    plan = mdprune.Plan(removed=[b.name for b in space.removable_blocks()])
+    assert check_plan(space, plan, x, label="both removed")  # MACs: the removed branches are not computed
+    slim = mdprune.slim(space, plan)
+    assert not [n for n in slim.graph.nodes if "assert" in str(n.target) or "setitem" in str(n.target)]
+    assert sum(p.numel() for p in slim.parameters()) == space.count_params(plan.sizes(space), set(plan.removed))

@@ -47,6 +47,7 @@ def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.
     nodes = {n.name: n for n in graph.nodes}
 
     replaced: dict[str, fx.Node] = {}
+    erased: set[str] = set()
     for b in sorted(plan.removed, key=lambda b: list(nodes).index(space.blocks[b].add_node)):
         blk = space.blocks[b]  # a removed block leaves its shortcut (itself maybe a removed block's)
         shortcut = nodes[blk.shortcut_node]
@@ -58,6 +59,10 @@ def slim(space: PruningSpace, plan: Plan, model: nn.Module | None = None) -> fx.
         replaced[add.name] = shortcut
         for u in users:  # an in-place op on the sum would now overwrite the shortcut's tensor
             _not_inplace(gm, u)
+        for c in reversed(blk.checks):  # assertions on the branch's shapes would keep the branch live
+            if c not in erased:  # (one check may read two removed branches)
+                graph.erase_node(nodes[c])
+                erased.add(c)
     eliminate_dead_code(graph)
 
     with torch.no_grad():

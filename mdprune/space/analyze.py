@@ -162,7 +162,7 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
                           and calls[nodes[n].target] <= fb.region})
         tensors = [k for k in state if any(k.startswith(m + ".") for m in modules)]
         tensors += [nodes[n].target for n in fb.region if nodes[n].op == "get_attr"
-                    and all(u.name in fb.region for u in nodes[n].users)]  # (read outside too: not the block's)
+                    and all(u.name in fb.region or u.name in fb.checks for u in nodes[n].users)]  # (else shared)
         protected = None
         if any(m == i or m.startswith(i + ".") for m in modules for i in ignored):
             protected = "holds an ignored layer"
@@ -173,7 +173,8 @@ def _assemble(gm: fx.GraphModule, prop: Propagation, found: list[FoundBlock], co
         outer = next((by_add[o.add] for o in found if o is not fb and fb.add in o.region), None)
         if protected is None and outer is not None:  # its tensors and ops are counted with the outer block
             protected = f"nested in block {outer}"
-        blocks[name] = Block(name, modules, tensors, fb.shortcut_kind, fb.add, fb.branch, fb.shortcut, protected)
+        blocks[name] = Block(name, modules, tensors, fb.shortcut_kind, fb.add, fb.branch, fb.shortcut, protected,
+                             fb.checks)
         for t in tensors:
             tensor_block[t] = name
         for n in (*fb.region, fb.add):  # the addition goes with its branch

@@ -3,8 +3,9 @@
 For every addition of two same-shape channel tensors, take the latest node ``x`` that both operands depend
 on (the fork). The nodes strictly between the fork and the addition form the region; it is a removable
 residual block when nothing outside the region reads a tensor from inside it, nothing inside reads a tensor
-from outside it (parameters and shape queries aside), and the two operands' sub-regions are disjoint. The
-operand with more compute ops is the branch; the other is the shortcut (identity, or a projection).
+from outside it (parameters and shape queries aside), and the two operands' sub-regions are disjoint. Shape
+checks on the region's tensors that lead only to assertions (timm's ``_assert(C % groups == 0)``) go with it.
+The operand with more compute ops is the branch; the other is the shortcut (identity, or a projection).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class FoundBlock:
     region: set[str]  # branch-side nodes (removed with the block)
     shortcut_kind: str
     protected: str | None = None
+    checks: tuple[str, ...] = ()  # shape checks on the branch only (erased with it: they would keep it live)
 
 
 def _is_tensor(n: fx.Node) -> bool:
@@ -78,6 +80,26 @@ def _writers(side: set[str], by_name: dict[str, fx.Node]) -> set[str]:
     return found - side
 
 
+def _checks(side: set[str], by_name: dict[str, fx.Node]) -> set[str]:
+    """Non-tensor nodes reading ``side`` whose whole downstream is non-tensor and ends in assertions, not in
+    the output (``x.dim() == 4``, ``C % groups == 0``): checks of that side, gone with it."""
+    found: set[str] = set()
+    for name in side:
+        for u in by_name[name].users:
+            if u.name in side or u.name in found:
+                continue
+            down, todo = {u.name}, [u]
+            while todo:
+                for w in todo.pop().users:
+                    if w.name not in down and w.name not in side:
+                        down.add(w.name)
+                        todo.append(w)
+            if all(not _is_tensor(by_name[d]) and by_name[d].op in ("call_function", "call_method")
+                   for d in down):
+                found |= down
+    return found
+
+
 def _side(operand: fx.Node, fork: str, ancestors: dict[str, set[str]]) -> set[str]:
     if operand.name == fork:
         return set()
@@ -97,17 +119,19 @@ def _block_at(add: fx.Node, a: fx.Node, b: fx.Node, ancestors: dict[str, set[str
     if sa & sb:
         return None
     region = sa | sb
+    checks_a, checks_b = _checks(sa, by_name), _checks(sb, by_name)
     for name in region:  # single entry: data comes only from the fork (or parameters / shape queries)
         for p in by_name[name].all_input_nodes:
             if p.name in region or p.name == fork or p.op == "get_attr" or not _is_tensor(p):
                 continue
             return None
         for u in by_name[name].users:  # single exit: only the addition reads the region
-            if u.name not in region and u is not add and u.name in live:
+            if u.name not in region and u is not add and u.name in live and u.name not in checks_a | checks_b:
                 return None
     na, nb = len(sa & compute), len(sb & compute)
     if na == nb:
         return None  # two equal branches: no shortcut to fall back on
-    branch, shortcut, region_b, other = (a, b, sa, nb) if na > nb else (b, a, sb, na)
+    branch, shortcut, region_b, other, checks = (a, b, sa, nb, checks_a) if na > nb else (b, a, sb, na, checks_b)
     kind = "identity" if other == 0 else "projection"  # identity may hold element-wise ops (a dropout)
-    return FoundBlock(add.name, branch.name, shortcut.name, region_b, kind)
+    ordered = tuple(sorted(checks, key=order.__getitem__))
+    return FoundBlock(add.name, branch.name, shortcut.name, region_b, kind, checks=ordered)

@@ -97,6 +97,7 @@ class Block:
     branch_node: str  # the fx node that carries the branch output into the sum
     shortcut_node: str  # the fx node that carries the shortcut into the sum
     protected: str | None = None
+    checks: tuple[str, ...] = ()  # shape checks on the branch's tensors (assertions): erased with the branch
 
     @property
     def removable(self) -> bool:

@@ -350,13 +350,15 @@ def live_nodes(graph: fx.Graph) -> set[fx.Node]:
     follow)."""
     live: set[fx.Node] = set()
     for n in reversed(graph.nodes):
-        if n.is_impure() or any(u in live for u in n.users):
+        if any(u in live for u in n.users):
             live.add(n)
-        elif _in_place(n):
+        elif _in_place(n):  # before is_impure: fx calls every setitem impure, even into a tensor no one reads
             base = _written(n)
             if not isinstance(base, fx.Node) or base.op in ("placeholder", "get_attr") \
                     or op_name(base) in _VIEWS or any(u in live for u in base.users if u is not n):
                 live.add(n)
+        elif n.is_impure():
+            live.add(n)
     return live
 
 
