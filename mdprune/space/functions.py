@@ -838,6 +838,29 @@ def _fold(prop: Propagation, node: fx.Node) -> Any:
     return Chan(1, tuple(RawSeg(s.spaces, s.inner // k) for s in v.segs))
 
 
+def _unfold(prop: Propagation, node: fx.Node) -> Any:
+    """``x.unfold(dim, size, step)`` (sliding windows along ``dim``, appended as a last axis; HaloNet's
+    neighbourhoods): channels stay on their axis unless they are the windowed one. ``F.unfold`` (im2col, a
+    function of the same name): channel-major patches, each channel widened by its patch, as ``nn.Unfold``."""
+    v, src = prop.value(node.args[0]), _shape(node.args[0])
+    if isinstance(v, ParamRef):
+        return _fail(node, "unfolds a parameter")
+    if not isinstance(v, Chan):
+        return None
+    out = node.meta["mdp_shape"]
+    if node.op == "call_function":  # F.unfold(input, kernel_size, ...)
+        k = _arg(node, 1, "kernel_size")
+        if v.axis != 1 or not isinstance(k, (int, tuple, list)):
+            return keep_whole(prop, node, v, out[1], "unfolds patches it cannot follow")
+        return v.widened(math.prod(k) if isinstance(k, (tuple, list)) else k * k)
+    dim = _arg(node, 1, "dimension")
+    if not isinstance(dim, int):
+        return keep_whole(prop, node, v, out[v.axis], "unfolds along a computed axis")
+    if dim % len(src) == v.axis:
+        return keep_whole(prop, node, v, out[v.axis], "unfolds the channels into windows")
+    return v
+
+
 def _setitem(prop: Propagation, node: fx.Node) -> Any:
     """``x[index] = value`` on a tensor without channels (ConViT's relative position indices, written from
     constants): nothing to follow. Writing into channels or writing channels somewhere is not supported."""
@@ -882,6 +905,7 @@ _RULES: dict[str, Callable[[Propagation, fx.Node], Any]] = {
     "repeat": _repeat,
     "tile": _repeat,
     "fold": _fold,
+    "unfold": _unfold,
     "repeat_interleave": _repeat_interleave,
     "matmul": _matmul,
     "bmm": _matmul,
