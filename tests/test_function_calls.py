@@ -332,3 +332,34 @@ def test_softmax_of_parameters_keeps_only_the_axis_it_mixes() -> None:
     space = mdprune.analyze(SoftmaxedParameters().eval(), x)
     _check(space, x)
     assert space.dims["a"].protected and space.dims["b"].prunable
+
+
+class PerChannelProducts(nn.Module):
+    """Matrix products batched over channels (one product per channel, as in BAT's transforms): a computed
+    matrix broadcast over the channels, and two tensors paired channel by channel. Then channels that end on
+    the last axis (a product's columns) read by a 1x1 convolution as positions: kept whole, exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+        self.q = nn.Linear(8, 8)
+        self.c = nn.Conv2d(1, 16, 1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)  # (n, 16, 8, 8)
+        mix = torch.eye(8) + x.mean(1, keepdim=True).softmax(-1)  # (n, 1, 8, 8): no channels
+        z = self.b(torch.relu(y @ mix))
+        paired = z @ y.transpose(-1, -2)  # channel i of z times channel i of y
+        m = x.mean(1, keepdim=True)
+        columns = m @ self.q(m)  # (n, 1, 8, 8): q's outputs on the last axis
+        return self.head((paired + self.c(columns)).mean((2, 3)))
+
+
+def test_products_batched_over_channels_pass_them_through() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    space = mdprune.analyze(PerChannelProducts().eval(), x)
+    _check(space, x)
+    assert {d.name for d in space.prunable_dims()} == {"a"}  # a, b and c tied by the products and the sum
+    assert "where it expects positions" in space.dims["q"].protected

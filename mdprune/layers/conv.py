@@ -11,7 +11,7 @@ from torch import nn
 from ..space.values import Chan, RawSeg
 from .epilogues import with_epilogue
 from .registry import LatencyOp, LayerKind, builtin
-from .rules import Segs, add_op, bind, chan_or_fixed_input, new_channels, require_axis
+from .rules import Segs, add_op, bind, chan_or_fixed_input, new_channels
 
 if TYPE_CHECKING:
     from ..space.channels import Propagation
@@ -24,8 +24,7 @@ def _depthwise(m: nn.Conv2d) -> bool:
 def conv2d_channels(prop: Propagation, node: fx.Node, m: nn.Conv2d) -> Chan:
     """Dense: new output channels, input channels on weight axis 1. Depthwise: its input's channels.
     Grouped: groups x width per group on both sides (see :func:`_grouped`)."""
-    x, in_shape = chan_or_fixed_input(prop, node, "channels", 1)
-    require_axis(node, x, 1, in_shape)
+    x, in_shape = chan_or_fixed_input(prop, node, "channels", 1, positions_elsewhere=True)
     depthwise = _depthwise(m)
     if m.groups == 1:
         bind(prop, node, "weight", 1, x.segs, "in")

@@ -42,15 +42,22 @@ def chan_input(prop: Propagation, node: fx.Node, what: str) -> tuple[Chan, tuple
     return v, arg.meta["mdp_shape"]
 
 
-def chan_or_fixed_input(prop: Propagation, node: fx.Node, what: str, axis: int) -> tuple[Chan, tuple[int, ...]]:
+def chan_or_fixed_input(prop: Propagation, node: fx.Node, what: str, axis: int, positions_elsewhere: bool = False
+                        ) -> tuple[Chan, tuple[int, ...]]:
     """The input's channels; for a tensor the model computes without any (relative coordinates fed to a position
     MLP, a Fourier position encoding, attention scores), or a buffer, its ``axis`` is a fixed width: kept whole,
-    while the layer's outputs stay prunable."""
+    while the layer's outputs stay prunable. With ``positions_elsewhere`` (a layer that treats every other axis
+    as positions: a convolution), channels found on another axis are kept whole and the input read as fixed."""
     arg = node.args[0]
     shape = arg.meta.get("mdp_shape") if isinstance(arg, fx.Node) else None
     v = prop.value(arg)
     if isinstance(v, ParamRef):  # a buffer of coordinates, a table: read whole
         prop.unpruned_params.append((v.tensor, node, None))
+        v = None
+    if positions_elsewhere and isinstance(v, Chan) and isinstance(shape, tuple) and v.axis != axis % len(shape):
+        # (BAT's per-channel transforms end with channels on the last axis, where a 1x1 conv sees width): kept
+        # whole, the tensor never changes, so the layer reads it as fixed
+        prop.protect(v.segs, f"{where(node)} reads them on axis {v.axis}, where it expects positions")
         v = None
     if v is None and isinstance(shape, tuple) and arg.name not in prop.failed:
         reason = f"{where(node)} reads a tensor without channels (computed in the model)"

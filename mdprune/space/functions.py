@@ -630,6 +630,9 @@ def _matmul(prop: Propagation, node: fx.Node) -> Any:
     def whole(v: Chan, what: str) -> None:  # what cannot be followed is kept whole, exactly
         prop.protect(v.segs, f"{where(node)} {what}")
 
+    batched = _batched_over_channels(prop, node, va, vb, fa, fb, sa, sb, out)
+    if batched is not None:
+        return batched
     if fa > 2:
         whole(va, "multiplies matrices batched over them")
         fa = 0
@@ -659,6 +662,26 @@ def _matmul(prop: Propagation, node: fx.Node) -> Any:
                            "channels")  # (its cost counted, fixed)
     _matmul_op(prop, node, (RawSeg((width,)),), sa, sb, out, a_axis=-1, b_axis=-2)
     return None
+
+
+def _batched_over_channels(prop: Propagation, node: fx.Node, va: Any, vb: Any, fa: int, fb: int,
+                           sa: tuple[int, ...], sb: tuple[int, ...], out: tuple[int, ...]) -> Chan | None:
+    """Channels on a batch axis only (one matrix product per channel, BAT's per-channel transforms): they pass
+    through, tied to the other operand's channels on the same axis, or broadcast against its size 1 there.
+    None when that is not the case (the caller keeps them whole)."""
+    if not (fa > 2 or fb > 2) or 0 < fa <= 2 or 0 < fb <= 2 or (fa > 2 and fb > 2 and fa != fb):
+        return None
+    f = max(fa, fb)
+    if fa > 2 and fb > 2:
+        prop.unify(va.segs, vb.segs, node)
+    else:
+        other = sb if fa > 2 else sa  # no channels: it must broadcast along theirs
+        if len(other) >= f and other[-f] != 1:
+            return None
+    segs = va.segs if fa > 2 else vb.segs
+    _matmul_op(prop, node, segs, sa, sb, out, a_axis=-fa if fa > 2 else None, b_axis=-fb if fb > 2 else None,
+               out_axis=-f)
+    return Chan(len(out) - f, segs)
 
 
 def _by_parameter(prop: Propagation, node: fx.Node, va: Any, vb: Any, sa: Any, sb: Any) -> Any:
