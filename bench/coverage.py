@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import mdprune
 from mdprune.latency import LatencySettings, TimingSettings
+from mdprune.latency.backends import count_flops
 
 MODELS = [
     "torchvision:resnext50_32x4d", "torchvision:regnet_x_400mf", "torchvision:regnet_y_400mf",
@@ -95,9 +95,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def macs_of(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-        model(x)
-    return fc.get_total_flops() // 2
+    with sdpa_kernel(SDPBackend.MATH):
+        return count_flops(model, (x,))[0] // 2
 
 
 def run_model(entry: str, input_size: int | None, budget: str, seed: int) -> dict:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import mdprune
+from mdprune.latency.backends import count_flops
 
 torch.set_num_threads(1)
 
@@ -35,9 +35,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measured_macs(model: nn.Module, x: torch.Tensor) -> int:
     """MACs counted by PyTorch's own FlopCounterMode (math attention, so the matmuls are visible)."""
-    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-        model(x)
-    return fc.get_total_flops() // 2
+    with sdpa_kernel(SDPBackend.MATH):
+        return count_flops(model, (x,))[0] // 2
 
 
 def check_plan(space: mdprune.PruningSpace, plan: mdprune.Plan, x: torch.Tensor,

@@ -81,6 +81,14 @@ def test_vit_without_class_token_average_pool():
     assert_kinds_prunable(space, ("embed", "mlp"))
 
 
+def test_vit_with_attention_pooling_head():
+    """SigLIP's head: a learned latent query attends over the tokens (its MACs count with PyTorch's counter)."""
+    space = check_exact(timm_model("vit_small_patch16_224", img_size=32, depth=2, global_pool="map",
+                                   class_token=False), torch.randn(2, 3, 32, 32))
+    assert_attention_prunable(space)
+    assert_kinds_prunable(space, ("embed", "mlp"))
+
+
 def test_beit_relative_position_bias_follows_heads():
     model = timm_model("beit_base_patch16_224", img_size=32, depth=2, embed_dim=64, num_heads=4, init_values=0.0)
     space = check_exact(model, torch.randn(2, 3, 32, 32))

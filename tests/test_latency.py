@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import mdprune
 from mdprune import Plan
@@ -27,6 +28,7 @@ from mdprune.latency import (
     signature,
     validate,
 )
+from mdprune.latency.backends import count_flops
 from mdprune.latency.build import offdiag_missing
 from mdprune.latency.model import interpolate
 from mdprune.latency.ops import ROLES, op_module
@@ -344,3 +346,21 @@ def test_calibration_times_references_against_dense_in_pairs(monkeypatch):
     assert min(truth(p) for p in refs) < 0.8 * truth(Plan())  # the references are well apart from dense
     for p in refs:  # interpolation between grid points leaves a little error
         assert lm.predict_plan(p) == pytest.approx(truth(p), rel=0.05)
+
+
+class LatentQuery(nn.Module):
+    """timm's attention pooling: a learned query, expanded over the batch, fed straight to a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.latent, self.q = nn.Parameter(torch.randn(1, 1, 8)), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(self.latent.expand(x.shape[0], -1, -1)) + x
+
+
+def test_flops_are_counted_when_a_layer_reads_a_parameter() -> None:
+    model = LatentQuery()
+    flops, out = count_flops(model, (torch.randn(2, 1, 8),))
+    assert flops == 2 * (2 * 8 * 8) and out.shape == (2, 1, 8)
+    assert all(p.requires_grad for p in model.parameters())  # frozen for the count only

@@ -171,11 +171,9 @@ class FlopsBackend:
 
     def runner(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
         module.eval()
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            out = module(*inputs)
+        flops, out = count_flops(module, inputs)
         elements = sum(x.numel() for x in inputs) + sum(t.numel() for t in tensors_in(out))
-        ms = self.overhead_ms + self.ms_per_gflop * counter.get_total_flops() / 1e9 \
+        ms = self.overhead_ms + self.ms_per_gflop * flops / 1e9 \
             + self.ms_per_melement * elements / 1e6
         return _Counted(ms)
 
@@ -192,6 +190,22 @@ class FlopsBackend:
             if on_round is not None:
                 on_round(r)
         return out
+
+
+def count_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, Any]:
+    """FLOPs of one forward pass by PyTorch's ``FlopCounterMode``, and the output. Parameters are frozen for the
+    count: under ``no_grad`` the counter's module tracker fails on a parameter a submodule reads directly
+    (timm's attention pooling hands its latent query, expanded, to a linear layer)."""
+    frozen = [p for p in module.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = module(*inputs)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return counter.get_total_flops(), out
 
 
 def tensors_in(x: Any) -> list[torch.Tensor]:
