@@ -298,14 +298,16 @@ class SquareSum(nn.Module):
         return self.stem(x) @ (self.a + self.b)
 
 
-def test_products_of_parameters_are_exact_or_refused_by_name() -> None:
+def test_products_of_parameters_are_exact_or_kept_whole() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 6)
     space = mdprune.analyze(ProductGain().eval(), x)
     _check(space, x)
     assert space.dims["stem"].prunable
-    with pytest.raises(mdprune.AnalysisError, match="2 shared axes"):
-        mdprune.analyze(SquareSum().eval(), torch.randn(4, 5))
+    x = torch.randn(4, 5)
+    space = mdprune.analyze(SquareSum().eval(), x)  # a sum along two shared axes: no channels to follow
+    assert check_plan(space, mdprune.Plan.identity(), x) is not None
+    assert "not channels" in space.dims["stem"].protected
 
 
 class SoftmaxedParameters(nn.Module):
@@ -363,3 +365,47 @@ def test_products_batched_over_channels_pass_them_through() -> None:
     _check(space, x)
     assert {d.name for d in space.prunable_dims()} == {"a"}  # a, b and c tied by the products and the sum
     assert "where it expects positions" in space.dims["q"].protected
+
+
+class ReducedGain(nn.Module):
+    """A gain computed by reducing a parameter (its mean over a second axis): the remaining axis follows the
+    channels it scales; the sum of a whole parameter is a number without channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 4)
+        self.gain, self.shift = nn.Parameter(torch.randn(16, 3)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) * self.gain.mean(1).view(1, -1, 1, 1) + self.shift.sum()
+        return self.head(y.mean((2, 3)))
+
+
+def test_reduced_parameters_follow_the_axes_they_keep() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    space = mdprune.analyze(ReducedGain().eval(), x)
+    _check(space, x)
+    assert space.dims["a"].prunable and space.tensors["gain"].axes.keys() == {0}
+
+
+class TableLookup(nn.Module):
+    """Gemma 4's position embeddings: a one-hot matrix (no channels) times a learned table, a product whose
+    cost is counted as a fixed op; the features around it stay prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 64), nn.Linear(64, 8), nn.Linear(8, 3)
+        self.table = nn.Parameter(torch.randn(6, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = F.one_hot(torch.arange(x.shape[1]), 6).float() @ self.table  # (N, 8)
+        return self.head(self.b(torch.relu(self.a(x))) + positions).mean(1)
+
+
+def test_products_of_a_parameter_without_channels_are_counted() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    space = mdprune.analyze(TableLookup().eval(), x)
+    _check(space, x)  # MACs included: the lookup's product is counted
+    assert space.dims["a"].prunable and not space.dims["b"].prunable

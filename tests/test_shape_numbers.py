@@ -84,3 +84,30 @@ def test_sizes_given_to_torch_stay_symbolic() -> None:
     space = mdprune.analyze(BatchZeros(), torch.randn(2, 4))
     slim = mdprune.slim(space, mdprune.Plan.uniform(space, 0.5))
     assert slim(torch.randn(5, 4)).shape == (5, 2)
+
+
+class SizesOneByOne(nn.Module):
+    """Sizes given one by one, the first traced (Gemma 4's patch mask, and its frequencies: a plain tensor
+    attribute, not a buffer, expanded over the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 16, 2, 2), nn.Linear(16, 4)
+        self.freq = torch.arange(4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        b, _, h, w = y.shape
+        keep = torch.ones(b, h * w, 1)
+        f = self.freq[None, :, None].expand(b, -1, 1)
+        return self.head(y.flatten(2).transpose(1, 2) * keep).mean(1) + f.sum((1, 2))[:, None]
+
+
+def test_sizes_given_one_by_one_may_be_traced() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    space = mdprune.analyze(SizesOneByOne().eval(), x)
+    assert space.dims["conv"].prunable
+    assert check_plan(space, mdprune.Plan.uniform(space, 0.5), x)
+    slim = mdprune.slim(space, mdprune.Plan.uniform(space, 0.5))
+    assert slim(torch.randn(5, 3, 8, 8)).shape == (5, 4)  # the batch stays symbolic
+    assert torch.ones(2, 3).shape == (2, 3) and torch.Tensor.expand.__name__ == "expand"  # patches undone

@@ -210,7 +210,9 @@ def _combine(prop: Propagation, node: fx.Node, va: Any, sa: Any, vb: Any, sb: An
 def _parameter_sum(prop: Propagation, node: fx.Node, va: ParamRef, sa: tuple[int, ...], vb: ParamRef,
                    sb: tuple[int, ...], out: tuple[int, ...]) -> Chan:
     """Two parameters combined element-wise (Hiera's ``pos_embed + pos_embed_win``): the one axis along which
-    both hold their own entries becomes channels of their own, with both parameters bound to them."""
+    both hold their own entries becomes channels of their own, with both parameters bound to them. Along no
+    axis or several (an outer product of coordinates and learned frequencies, ``a + b`` of two matrices) the
+    result has no channels and both parameters are kept whole."""
     shared = []
     for j in range(len(out)):
         ja, jb = j - (len(out) - len(sa)), j - (len(out) - len(sb))
@@ -218,8 +220,8 @@ def _parameter_sum(prop: Propagation, node: fx.Node, va: ParamRef, sa: tuple[int
                 and va.axes[ja] is not None and vb.axes[jb] is not None):
             shared.append((j, ja, jb))
     if len(shared) != 1:
-        raise AnalysisError(f"{where(node)} combines parameters {va.tensor} and {vb.tensor} along "
-                            f"{len(shared)} shared axes; not supported")
+        prop.unpruned_params += [(va.tensor, node, None), (vb.tensor, node, None)]
+        return None
     j, ja, jb = shared[0]
     segs = (RawSeg((prop.new_space(out[j], "channel", f"{va.tensor}+{vb.tensor}"),)),)
     prop.bind(va.tensor, va.axes[ja], segs, node, "param")
@@ -523,11 +525,19 @@ def _reduce(prop: Propagation, node: fx.Node) -> Any:
     """A reduction (``mean``, ``var``, ...). Over other axes the channels stay; over the channels (a norm written
     out, a channel sum) they are kept whole: the statistic then stays the dense one."""
     v, src = prop.value(node.args[0]), _shape(node.args[0])
-    if not isinstance(v, Chan):
-        return None if not isinstance(v, ParamRef) else _fail(node, "reduces a parameter")
+    if not isinstance(v, (Chan, ParamRef)) or not isinstance(src, tuple):
+        return None
     name = op_name(node)
     dims = _reduced_dims(node, len(src))
     keep = _arg(node, _KEEPDIM_AT.get(name, 2), "keepdim", False)
+    if isinstance(v, ParamRef):  # its reduced axes are kept whole; the others still index it
+        for d in dims:
+            if v.axes[d] is not None:
+                prop.unpruned_params.append((v.tensor, node, v.axes[d]))
+        if all(a is None for i, a in enumerate(v.axes) if i not in dims):
+            return None
+        return ParamRef(v.tensor, tuple(None if i in dims else a for i, a in enumerate(v.axes) if keep
+                                        or i not in dims))
     if v.axis in dims:
         prop.protect(v.segs, f"{where(node)} reduces over them")
         return None
@@ -620,6 +630,11 @@ def _matmul(prop: Propagation, node: fx.Node) -> Any:
             return _by_parameter(prop, node, va, vb, sa, sb)
         if _bound_somewhere(prop, va, vb):
             return _fail(node, "multiplies a parameter bound to channels by another")
+        for v in (va, vb):  # a product without channels (Gemma 4's one-hot position lookup): its parameters
+            if isinstance(v, ParamRef):  # stay whole, and its cost is a fixed op
+                prop.unpruned_params.append((v.tensor, node, None))
+        if isinstance(sa, tuple) and isinstance(sb, tuple) and len(sa) >= 2 and len(sb) >= 2:
+            _fixed_matmul(prop, node, sa, sb, node.meta["mdp_shape"])
         return None
     if not isinstance(sa, tuple) or not isinstance(sb, tuple) or len(sa) < 2 or len(sb) < 2:
         return None if not (isinstance(va, Chan) or isinstance(vb, Chan)) else _fail(node, "multiplies a vector")
@@ -658,10 +673,16 @@ def _matmul(prop: Propagation, node: fx.Node) -> Any:
     if fa == 2:
         _matmul_op(prop, node, va.segs, sa, sb, out, a_axis=-2, out_axis=-2)
         return Chan(len(out) - 2, va.segs)
-    width = prop.new_space(sa[-1], "channel", f"{node.name}:k", protected=f"{where(node)}: a product without "
-                           "channels")  # (its cost counted, fixed)
-    _matmul_op(prop, node, (RawSeg((width,)),), sa, sb, out, a_axis=-1, b_axis=-2)
+    _fixed_matmul(prop, node, sa, sb, out)
     return None
+
+
+def _fixed_matmul(prop: Propagation, node: fx.Node, sa: tuple[int, ...], sb: tuple[int, ...],
+                  out: tuple[int, ...]) -> None:
+    """A product without channels: its latency op and MACs, at a width that never changes."""
+    width = prop.new_space(sa[-1], "channel", f"{node.name}:k", protected=f"{where(node)}: a product without "
+                           "channels")
+    _matmul_op(prop, node, (RawSeg((width,)),), sa, sb, out, a_axis=-1, b_axis=-2)
 
 
 def _batched_over_channels(prop: Propagation, node: fx.Node, va: Any, vb: Any, fa: int, fb: int,

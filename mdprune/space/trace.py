@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import inspect
 import operator
 import os
@@ -252,6 +253,35 @@ def _autocast_blocks_traceable() -> Iterator[None]:
         torch.autocast = original  # type: ignore[misc]
 
 
+_SIZED_FACTORIES = ("ones", "zeros", "empty", "rand", "randn")
+_SIZED_METHODS = ("expand", "view", "reshape", "repeat", "permute", "new_ones", "new_zeros", "new_empty")
+
+
+@contextlib.contextmanager
+def _sizes_may_be_traced() -> Iterator[None]:
+    """While tracing, sizes given one by one with a traced one among them (Gemma 4's ``torch.ones(B, n)`` and
+    ``self.inv_freq[None, :, None].expand(B, -1, 1)`` on a plain tensor attribute) are passed as one tuple:
+    torch's argument parser refuses a proxy followed by more sizes, not a tuple holding it."""
+    def sized(fn: Any, method: bool) -> Any:
+        @functools.wraps(fn)  # (fx names a method call after the function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            head, size = (args[:1], args[1:]) if method else ((), args)
+            if len(size) > 1 and any(isinstance(n, fx.Proxy) for n in size):
+                return fn(*head, tuple(size), **kwargs)
+            return fn(*args, **kwargs)
+        return call
+
+    patched = [(torch, name, getattr(torch, name), False) for name in _SIZED_FACTORIES]
+    patched += [(torch.Tensor, name, getattr(torch.Tensor, name), True) for name in _SIZED_METHODS]
+    for owner, name, fn, method in patched:
+        setattr(owner, name, sized(fn, method))
+    try:
+        yield
+    finally:
+        for owner, name, fn, _ in patched:
+            setattr(owner, name, fn)
+
+
 def _fixed_args(model: nn.Module, n_inputs: int) -> dict[str, Any]:
     """Optional forward arguments beyond the example inputs, frozen at their defaults (masks, flags)."""
     params = list(inspect.signature(model.forward).parameters.values())
@@ -277,7 +307,7 @@ def trace(model: nn.Module, ignored_layers: Iterable[str] = (), n_inputs: int = 
     model.eval()
     tracer = _Tracer(ignored, example_inputs)
     try:
-        with _autograd_functions_as_calls(), _autocast_blocks_traceable():
+        with _autograd_functions_as_calls(), _autocast_blocks_traceable(), _sizes_may_be_traced():
             graph = tracer.trace(model, concrete_args=_fixed_args(model, n_inputs) or None)
             inline_wrapped(graph, lambda: _Tracer(()))
     except Exception as e:  # noqa: BLE001 - re-raised with context
