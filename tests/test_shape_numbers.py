@@ -111,3 +111,27 @@ def test_sizes_given_one_by_one_may_be_traced() -> None:
     slim = mdprune.slim(space, mdprune.Plan.uniform(space, 0.5))
     assert slim(torch.randn(5, 3, 8, 8)).shape == (5, 4)  # the batch stays symbolic
     assert torch.ones(2, 3).shape == (2, 3) and torch.Tensor.expand.__name__ == "expand"  # patches undone
+
+
+@torch.fx.wrap
+def _clip_window(size: int, window: list[int]) -> list[int]:
+    """Changes its list argument in place, as torchvision's Swin3d ``_get_window_and_shift_size`` does."""
+    window[1] = min(window[1], size)
+    return window
+
+
+class ClippedWindow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        w = _clip_window(y.shape[-1], [4, 8])
+        return self.head(y.flatten(2)[..., : w[1]].mean(-1))
+
+
+def test_wrapped_functions_may_change_their_list_arguments() -> None:
+    x = torch.randn(2, 3, 6, 6)
+    space = mdprune.analyze(ClippedWindow().eval(), x)
+    assert check_plan(space, mdprune.Plan.uniform(space, 0.5), x)

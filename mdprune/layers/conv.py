@@ -1,7 +1,9 @@
-"""Convolutions (``nn.Conv2d``): dense, depthwise and grouped; their slim resize and latency op."""
+"""Convolutions (``nn.Conv2d``, and ``nn.Conv3d`` of video models by the same rule): dense, depthwise and
+grouped; their slim resize and latency op."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,7 +44,7 @@ def conv2d_channels(prop: Propagation, node: fx.Node, m: nn.Conv2d) -> Chan:
         "dilation": tuple(m.dilation), "groups": m.groups, "depthwise": depthwise, "bias": m.bias is not None,
         "in_hw": tuple(in_shape[2:]), "out_hw": tuple(out_shape[2:]), "batch": in_shape[0],
     }
-    add_op(prop, node, {"in": x, "out": out}, fixed, "conv2d")
+    add_op(prop, node, {"in": x, "out": out}, fixed, "conv3d" if isinstance(m, nn.Conv3d) else "conv2d")
     return Chan(1, out)
 
 
@@ -89,16 +91,18 @@ def build_conv2d(fixed: dict[str, Any], w: dict[str, int], batch: int) -> tuple[
             raise ValueError(f"a depthwise convolution keeps in == out widths, got {cin} and {cout}")
     else:
         groups = fixed["groups"]
-    conv = nn.Conv2d(cin, cout, fixed["kernel"], fixed["stride"], fixed["padding"], fixed["dilation"], groups,
-                     bias=fixed["bias"])
+    cls = nn.Conv3d if len(fixed["kernel"]) == 3 else nn.Conv2d
+    conv = cls(cin, cout, fixed["kernel"], fixed["stride"], fixed["padding"], fixed["dilation"], groups,
+               bias=fixed["bias"])
     return with_epilogue(conv, fixed, cout), (torch.randn(batch, cin, *fixed["in_hw"]),)
 
 
 def conv2d_macs(f: dict[str, Any], w: dict[str, int]) -> int:
-    kh, kw = f["kernel"]
-    per_out = kh * kw * (1 if f["depthwise"] else w["in"] // f["groups"])
-    return f["batch"] * f["out_hw"][0] * f["out_hw"][1] * w["out"] * per_out
+    per_out = math.prod(f["kernel"]) * (1 if f["depthwise"] else w["in"] // f["groups"])
+    return f["batch"] * math.prod(f["out_hw"]) * w["out"] * per_out
 
 
 CONV2D = builtin(LayerKind("conv2d", (nn.Conv2d,), conv2d_channels, resize_conv2d,
                            LatencyOp(("in", "out"), build_conv2d, conv2d_macs)))
+CONV3D = builtin(LayerKind("conv3d", (nn.Conv3d,), conv2d_channels, resize_conv2d,
+                           LatencyOp(("in", "out"), build_conv2d, conv2d_macs)))  # (in_hw, out_hw: three axes)

@@ -35,6 +35,7 @@ _LIBRARY_PASS = (
 _SPATIAL = (
     nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d,
+    nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
     nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, *((nn.CircularPad2d,) if hasattr(nn, "CircularPad2d")
                                                                  else ()),
 )  # (the 2d pads pad the last two axes only)

@@ -36,6 +36,7 @@ BINARY = {"add", "iadd", "add_", "sub", "isub", "sub_", "mul", "imul", "mul_", "
 SPATIAL = {
     "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "interpolate",
     "upsample", "upsample_bilinear", "upsample_nearest",
+    "adaptive_avg_pool3d", "adaptive_max_pool3d", "avg_pool3d", "max_pool3d",
 }
 REDUCE = {"mean", "sum", "amax", "amin", "nanmean", "var", "std", "prod", "logsumexp", "nansum", "norm"}
 _KEEPDIM_AT = {"var": 3, "std": 3, "norm": 3}  # (input, dim | p, unbiased | dim, keepdim); others (input, dim, keepdim)
@@ -598,8 +599,10 @@ def _spatial(prop: Propagation, node: fx.Node) -> Any:
     v = prop.value(node.args[0])
     if isinstance(v, ParamRef) and len(v.axes) == 4:  # pooled or resized positions are no longer its entries
         return ParamRef(v.tensor, v.axes[:2] + (None, None))
-    if isinstance(v, Chan) and (v.axis != 1 or len(_shape(node.args[0])) != 4):
-        raise AnalysisError(f"{where(node)} expects NCHW channels on axis 1")
+    rank = {"2d": 4, "3d": 5}.get(op_name(node)[-2:])  # (interpolate: any batched input)
+    if isinstance(v, Chan) and (v.axis != 1 or len(_shape(node.args[0])) != (rank or len(_shape(node.args[0])))
+                                or len(_shape(node.args[0])) < 3):
+        raise AnalysisError(f"{where(node)} expects channels on axis 1 (NCHW, NCTHW)")
     return v
 
 

@@ -361,6 +361,20 @@ class _ShapeRecorder(fx.Interpreter):
         n.meta["mdp_shape"] = _describe(out)
         return out
 
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return super().call_function(target, *_mutable((args, kwargs)))
+
+
+def _mutable(x: Any) -> Any:
+    """fx hands a node's literal lists over immutable; the generated code passes fresh lists, which a wrapped
+    function may change in place (torchvision's Swin3d ``_get_window_and_shift_size``)."""
+    if isinstance(x, (list, tuple)):
+        items = [_mutable(v) for v in x]
+        return items if isinstance(x, list) else type(x)(items) if type(x) is tuple else x
+    if isinstance(x, dict):
+        return {k: _mutable(v) for k, v in x.items()}
+    return x
+
 
 @torch.no_grad()
 def record_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
