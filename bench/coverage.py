@@ -45,6 +45,8 @@ MODELS = [
     "timm:visformer_tiny", "timm:pvt_v2_b0", "timm:tiny_vit_5m_224", "timm:twins_svt_small",
     "timm:edgenext_xx_small", "timm:efficientvit_b0",
     "timm:tresnet_m", "timm:crossvit_tiny_240", "timm:convit_tiny", "timm:swiftformer_xs", "timm:mvitv2_tiny",
+    "timm:halonet26t", "timm:bat_resnext26ts", "timm:resnetv2_50d_evos",
+    "timm:vit_small_patch16_224?class_token=False&global_pool=map",
 ]
 
 
