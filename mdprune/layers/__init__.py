@@ -1,5 +1,5 @@
-"""Layer kinds: one module per family (conv, linear, norm, passthrough, stdconv), each holding its channel rule, slim
-resize and latency op; :func:`register_layer` teaches mdprune a layer of your own.
+"""Layer kinds: one module per family (conv, linear, norm, passthrough, recurrent, ...), each holding its channel
+rule, slim resize and latency op; :func:`register_layer` teaches mdprune a layer of your own.
 
 Attention modules are matched by structure rather than by type, so they keep their own home:
 ``mdprune/space/attention.py`` (adapters: channels and latency op) and ``mdprune/apply/attention.py`` (slim).

@@ -36,7 +36,8 @@ solver passes NumPy arrays of widths to count a whole grid at once: use arithmet
 Subclasses = Literal["unchanged", "all", "exact"]
 
 # modules of this package, loaded on first lookup
-_BUILTIN_FAMILIES = ("conv", "conv1d", "conv_transpose", "linear", "matmul", "norm", "passthrough", "stdconv")
+_BUILTIN_FAMILIES = ("conv", "conv1d", "conv_transpose", "linear", "matmul", "norm", "passthrough", "recurrent",
+                     "stdconv")
 _RESERVED_OPS = frozenset({"attention", "node"})  # op kinds of latency/ops.py (attention cores, replayed nodes)
 
 
