@@ -18,7 +18,7 @@ from torch import nn
 
 from ..space.values import Chan, Several
 from .registry import LatencyOp, LayerKind, builtin
-from .rules import add_op, bind, input_channels, new_channels
+from .rules import add_op, bind, input_channels, new_channels, tokens_and_batch
 
 if TYPE_CHECKING:
     from ..space.channels import Propagation
@@ -34,12 +34,11 @@ def recurrent_channels(prop: Propagation, node: fx.Node, m: nn.RNNBase) -> Sever
     directions = 2 if m.bidirectional else 1
     out = new_channels(prop, node, directions * m.hidden_size, "channel",
                        protected=f"hidden state of {node.target} (recurrent widths are kept whole)")
-    seq_axis = 1 if m.batch_first or len(shape) == 2 else 0
-    rows = 1 if len(shape) == 2 else shape[1 - seq_axis]
+    seq_axis = 1 if m.batch_first and len(shape) == 3 else 0
+    sequences = 1 if len(shape) == 2 else shape[1 - seq_axis]
+    per_image, batch = tokens_and_batch(prop, (sequences, shape[-1]))
     fixed = {"mode": m.mode, "hidden": m.hidden_size, "layers": m.num_layers, "bidirectional": m.bidirectional,
-             "bias": m.bias, "seq": shape[seq_axis] if len(shape) == 3 else shape[0],
-             "per_image": rows // prop.batch if prop.batch and rows % prop.batch == 0 else rows,
-             "batch": prop.batch if prop.batch and rows % prop.batch == 0 else 1}
+             "bias": m.bias, "seq": shape[seq_axis], "per_image": per_image, "batch": batch}
     add_op(prop, node, {"in": x}, fixed)
     return Several((Chan(len(shape) - 1, out), None))
 
