@@ -599,9 +599,8 @@ def _spatial(prop: Propagation, node: fx.Node) -> Any:
     v = prop.value(node.args[0])
     if isinstance(v, ParamRef) and len(v.axes) == 4:  # pooled or resized positions are no longer its entries
         return ParamRef(v.tensor, v.axes[:2] + (None, None))
-    rank = {"2d": 4, "3d": 5}.get(op_name(node)[-2:])  # (interpolate: any batched input)
-    if isinstance(v, Chan) and (v.axis != 1 or len(_shape(node.args[0])) != (rank or len(_shape(node.args[0])))
-                                or len(_shape(node.args[0])) < 3):
+    rank, shape = {"2d": 4, "3d": 5}.get(op_name(node)[-2:]), _shape(node.args[0])  # (interpolate: any rank)
+    if isinstance(v, Chan) and (v.axis != 1 or len(shape) < 3 or (rank is not None and len(shape) != rank)):
         raise AnalysisError(f"{where(node)} expects channels on axis 1 (NCHW, NCTHW)")
     return v
 

@@ -370,7 +370,7 @@ def _mutable(x: Any) -> Any:
     function may change in place (torchvision's Swin3d ``_get_window_and_shift_size``)."""
     if isinstance(x, (list, tuple)):
         items = [_mutable(v) for v in x]
-        return items if isinstance(x, list) else type(x)(items) if type(x) is tuple else x
+        return items if isinstance(x, list) else tuple(items) if type(x) is tuple else x  # (torch.Size as it is)
     if isinstance(x, dict):
         return {k: _mutable(v) for k, v in x.items()}
     return x
