@@ -278,6 +278,7 @@ def main() -> None:
     p.add_argument("--bisect", type=int, default=7, help="bisection steps of the uniform ratio")
     p.add_argument("--lut", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="result file name under bench/results (default: detection.json)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, flops latency: the plumbing only")
     p.add_argument("--floor", type=int, nargs="*", metavar="SIZE",
                    help="instead: the lowest latency any plan reaches, as a fraction of dense, at these image sizes "
@@ -301,7 +302,7 @@ def main() -> None:
         args.image_size = min(args.image_size, 96)
     out = run(args)
     RESULTS.mkdir(exist_ok=True)
-    name = "detection_smoke.json" if args.smoke else "detection.json"
+    name = "detection_smoke.json" if args.smoke else (args.out or "detection.json")
     (RESULTS / name).write_text(json.dumps(out, indent=1, default=str))
 
 

@@ -49,3 +49,19 @@ def test_torchvision_video_resnet() -> None:
     model = randomize_norms(torchvision.models.video.r2plus1d_18(num_classes=10)).eval()
     space = check_exact(model, torch.randn(1, 3, 4, 32, 32), seeds=(1,))
     assert len(space.removable_blocks()) == 8
+
+
+def test_torchvision_video_swin_shifted_windows_in_three_axes() -> None:
+    """Swin3d: windows shifted along time, height and width; in the second stage (3x3 after merging) the window
+    shrinks to the map and takes the first entries of the position index, as torchvision does."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    torch.manual_seed(0)
+    model = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                              window_size=[2, 4, 4], num_classes=5).eval()
+    space = check_exact(model, torch.randn(1, 3, 8, 24, 24), seeds=(1, 2))
+    attn = [o for o in space.ops if o.kind == "attention"]
+    assert [(o.fixed["tokens"], o.fixed.get("windows"), o.fixed.get("bias")) for o in attn] == \
+        [(32, 8, True)] * 2 + [(2 * 3 * 3, 2, True)] * 2  # 4x6x6 padded to 4x8x8 in 2x4x4 windows; 4x3x3 in 2x3x3
+    assert {"features.0.0.attn.heads", "features.2.1.attn.heads", "features.2.1.mlp.0"} <= {d.name for d in space.prunable_dims()}
+    assert len(space.removable_blocks()) == 8

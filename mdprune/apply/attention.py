@@ -8,6 +8,7 @@ heads of a relative position bias table, the kept columns of a rotary embedding,
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..space import PruningSpace, Seg
-from ..space.attention import Layout, Proj, attention_layout
+from ..space.attention import Layout, Proj, attention_layout, window_geometry
 from .indices import Positions
 
 
@@ -29,9 +30,14 @@ class RelPosBias(nn.Module):
         self.register_buffer("index", index, persistent=False)
         self.head_axis, self.tokens = head_axis, tokens
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, tokens: int | None = None) -> torch.Tensor:
+        """The bias; ``tokens`` fewer than the index holds: its first ``tokens`` rows and columns (a window
+        shrunk to a smaller input, as torchvision's 3-D Swin does)."""
         t = self.table if self.head_axis == 0 else self.table.t()
-        return t[:, self.index.reshape(-1)].view(1, t.shape[0], *self.tokens)
+        if tokens is None or tokens == self.tokens[0]:
+            return t[:, self.index.reshape(-1)].view(1, t.shape[0], *self.tokens)
+        index = self.index.reshape(self.tokens)[:tokens, :tokens]
+        return t[:, index.reshape(-1)].view(1, t.shape[0], tokens, tokens)
 
 
 class ContinuousPosBias(nn.Module):
@@ -71,12 +77,12 @@ class PrunedAttention(nn.Module):
                  biases: tuple[bool, bool, bool] | None = None, gate_bias: bool | None = None,
                  arg_names: tuple[str, ...] = (), rope: str | None = None,
                  rope_arg: str | None = None, rope_prefix: int = 0, mask_arg: str | None = None,
-                 window: tuple[int, int] | None = None, shift: tuple[int, int] = (0, 0)):
+                 window: tuple[int, ...] | None = None, shift: tuple[int, ...] = (0, 0), window_fit: bool = False):
         super().__init__()
         self.heads, self.qk_dim, self.v_dim, self.scale = heads, qk_dim, v_dim, scale
         self.batch_first, self.returns_tuple, self.attn_drop = batch_first, returns_tuple, attn_drop
         self.arg_names, self.rope, self.rope_arg, self.rope_prefix = tuple(arg_names), rope, rope_arg, rope_prefix
-        self.mask_arg, self.window, self.shift = mask_arg, window, tuple(shift)
+        self.mask_arg, self.window, self.shift, self.window_fit = mask_arg, window, tuple(shift), window_fit
         qb, kb, vb = biases if biases is not None else (qkv_bias,) * 3
         self.q = nn.Linear(dim_in, heads * qk_dim, bias=qb)
         self.k = nn.Linear(dim_in, heads * qk_dim, bias=kb)
@@ -115,7 +121,11 @@ class PrunedAttention(nn.Module):
         v = self.v(x).view(b, n, self.heads, self.v_dim).transpose(1, 2)
         if rope is not None:
             q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
-        bias = self.pos_bias() if self.pos_bias is not None else None
+        bias = None
+        if isinstance(self.pos_bias, RelPosBias):
+            bias = self.pos_bias(n)
+        elif self.pos_bias is not None:
+            bias = self.pos_bias()
         scale = self.scale
         if self.logit_scale is not None:  # cosine attention: the scale is per head, learnt
             q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp().view(-1, 1, 1)
@@ -147,35 +157,43 @@ class PrunedAttention(nn.Module):
         return torch.cat([head, (rest * cos + rot * sin).to(t.dtype)], dim=2)
 
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
-        """Shifted-window attention over an NHWC map (torchvision's swin): pad, shift, partition, and back."""
-        b, h, w, c = x.shape
-        wh, ww = self.window
-        x = F.pad(x, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
-        ph, pw = x.shape[1], x.shape[2]
-        sh, sw = (0 if wh >= ph else self.shift[0]), (0 if ww >= pw else self.shift[1])
-        if sh + sw > 0:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        nw = (ph // wh) * (pw // ww)
-        x = x.view(b, ph // wh, wh, pw // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, wh * ww, c)
-        mask = _shift_mask(ph, pw, (wh, ww), (sh, sw), x) if sh + sw > 0 else None
+        """Shifted-window attention over a channels-last map with 2 or 3 spatial axes (torchvision's swin):
+        pad, shift, partition, attend, and back."""
+        b, *size, c = x.shape
+        k = len(size)
+        window, shift, padded = window_geometry(tuple(size), tuple(self.window), self.shift, self.window_fit)
+        pad: list[int] = [0, 0]
+        for n, p in zip(reversed(size), reversed(padded), strict=True):
+            pad += [0, p - n]
+        x = F.pad(x, pad)
+        axes = tuple(range(1, k + 1))
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=axes)
+        grid = [p // w for p, w in zip(padded, window, strict=True)]
+        split = [d for g, w in zip(grid, window, strict=True) for d in (g, w)]
+        # (b, g1, w1, g2, w2, ..., c) -> (b, g1, g2, ..., w1, w2, ..., c)
+        order = (0, *range(1, 2 * k, 2), *range(2, 2 * k + 1, 2), 2 * k + 1)
+        x = x.view(b, *split, c).permute(order).reshape(b * math.prod(grid), math.prod(window), c)
+        mask = _shift_mask(padded, window, shift, x) if any(shift) else None
         o = self._attend(x, None, mask)
-        o = o.view(b, ph // wh, pw // ww, wh, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, -1)
-        if sh + sw > 0:
-            o = torch.roll(o, shifts=(sh, sw), dims=(1, 2))
-        return o[:, :h, :w, :].contiguous()
+        back = [0] + [j for i in range(k) for j in (1 + i, 1 + k + i)] + [2 * k + 1]
+        o = o.view(b, *grid, *window, -1).permute(back).reshape(b, *padded, -1)
+        if any(shift):
+            o = torch.roll(o, shifts=shift, dims=axes)
+        return o[(slice(None), *(slice(0, n) for n in size))].contiguous()
 
 
-def _shift_mask(ph: int, pw: int, window: tuple[int, int], shift: tuple[int, int], like: torch.Tensor
+def _shift_mask(padded: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], like: torch.Tensor
                 ) -> torch.Tensor:
     """The (windows, N, N) mask of shifted windows: -100 between tokens from different regions."""
-    (wh, ww), (sh, sw) = window, shift
-    region = like.new_zeros((ph, pw))
-    count = 0
-    for hs in ((0, -wh), (-wh, -sh), (-sh, None)):
-        for ws in ((0, -ww), (-ww, -sw), (-sw, None)):
-            region[hs[0]:hs[1], ws[0]:ws[1]] = count
-            count += 1
-    region = region.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    region = like.new_zeros(padded)
+    cuts = [((0, -w), (-w, -s), (-s, None)) for w, s in zip(window, shift, strict=True)]
+    for count, box in enumerate(itertools.product(*cuts)):
+        region[tuple(slice(a, z) for a, z in box)] = count
+    k = len(window)
+    split = [d for p, w in zip(padded, window, strict=True) for d in (p // w, w)]
+    order = (*range(0, 2 * k, 2), *range(1, 2 * k, 2))
+    region = region.view(split).permute(order).reshape(-1, math.prod(window))
     diff = region.unsqueeze(1) - region.unsqueeze(2)
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
@@ -233,7 +251,7 @@ def slim_attention(space: PruningSpace, pos: Positions, path: str, m: nn.Module)
         biases=(lay.q.bias is not None, lay.k.bias is not None, lay.v.bias is not None),
         gate_bias=None if lay.gate is None else lay.gate.bias is not None, arg_names=lay.arg_names,
         rope=lay.rope, rope_arg=lay.rope_arg, rope_prefix=lay.rope_prefix, mask_arg=lay.mask_arg,
-        window=lay.window, shift=lay.shift)
+        window=lay.window, shift=lay.shift, window_fit=lay.window_fit)
     new.zero_k_bias = lay.zero_k_bias
     w = _tensor(m, lay.q.weight)
     new = new.to(device=w.device, dtype=w.dtype)

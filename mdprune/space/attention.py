@@ -53,7 +53,7 @@ class Layout:
     v: Proj
     proj: str  # the output projection (an nn.Linear)
     scale: float  # softmax scale of the dense module: kept when q/k width shrinks
-    input: str = "tokens"  # "tokens" (..., N, C), "seq_first" (N, B, C), "windows" (B, H, W, C: shifted windows)
+    input: str = "tokens"  # "tokens" (..., N, C), "seq_first" (N, B, C), "windows" (B, [T,] H, W, C: shifted windows)
     # or "nchw" (B, C, H, W: LeViT's convolution mode)
     arg_names: tuple[str, ...] = ()  # forward parameters after the input, in order
     returns_tuple: bool = False  # nn.MultiheadAttention: (output, weights)
@@ -69,8 +69,9 @@ class Layout:
     rope_arg: str | None = None  # the forward argument carrying it
     rope_prefix: int = 0  # leading tokens (class, registers) the rotary embedding skips
     mask_arg: str | None = None  # forward argument with an additive (windows, N, N) mask (timm's swin)
-    window: tuple[int, int] | None = None  # "windows" input: window size and cyclic shift
-    shift: tuple[int, int] = (0, 0)
+    window: tuple[int, ...] | None = None  # "windows" input: window size and cyclic shift per spatial axis
+    shift: tuple[int, ...] = (0, 0)
+    window_fit: bool = False  # the window shrinks to an axis no longer than it, unshifted there (torchvision's 3-D)
     attn_drop: float = 0.0
     proj_drop: float = 0.0
     cosine: str | None = None  # cosine attention (Swin V2): normalised q, k times exp(this per-head logit scale)
@@ -234,6 +235,16 @@ class TorchvisionWindowAttention(_Adapter):
                       **_table(m, "relative_position_bias_table", "relative_position_index", m.num_heads))
 
 
+class TorchvisionWindowAttention3d(_Adapter):
+    """torchvision's video swin ``ShiftedWindowAttention3d``: V1's windows over a (B, T, H, W, C) map; the window
+    shrinks to an axis no longer than it, and then takes the first entries of the relative position index."""
+
+    kind = "tv_window_3d"
+
+    def layout(self, m: nn.Module) -> Layout:
+        return replace(TorchvisionWindowAttention().layout(m), kind=self.kind, window_fit=True)
+
+
 class TimmWindowAttentionV2(_Adapter):
     """timm's swin V2 ``WindowAttention``: cosine attention, continuous position bias, q and v biases."""
 
@@ -384,9 +395,11 @@ def _torchvision_types() -> dict[type, _Adapter]:
     try:
         from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
         from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+        from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
     except ImportError:
         return {}
     return {ShiftedWindowAttention: TorchvisionWindowAttention(),
+            ShiftedWindowAttention3d: TorchvisionWindowAttention3d(),
             ShiftedWindowAttentionV2: TorchvisionWindowAttentionV2(),
             RelativePositionalMultiHeadAttention: TorchvisionMaxVitAttention()}
 
@@ -655,18 +668,31 @@ def _geometry(node: fx.Node, lay: Layout, shape: tuple[int, ...]) -> dict[str, A
         n, b = shape[0], shape[1]
         return {"tokens": n, "batch": b, "rows": n * b, "rows_batch": b, "masked": False}
     if lay.input == "windows":
-        if len(shape) != 4:
-            raise AnalysisError(f"{where(node)}: expects an NHWC input, got shape {shape}")
-        (wh, ww), (b, hh, w) = lay.window, shape[:3]
-        ph, pw = hh + (wh - hh % wh) % wh, w + (ww - w % ww) % ww
-        shifted = (lay.shift[0] > 0 and wh < ph) or (lay.shift[1] > 0 and ww < pw)
-        nw = (ph // wh) * (pw // ww)
-        return {"tokens": wh * ww, "batch": b * nw, "rows": b * ph * pw, "rows_batch": b, "masked": shifted}
+        assert lay.window is not None
+        k = len(lay.window)
+        if len(shape) != k + 2:
+            raise AnalysisError(f"{where(node)}: expects a channels-last input with {k} spatial axes, got {shape}")
+        window, shift, padded = window_geometry(shape[1:-1], lay.window, lay.shift, lay.window_fit)
+        windows = math.prod(p // w for p, w in zip(padded, window, strict=True))
+        return {"tokens": math.prod(window), "batch": shape[0] * windows, "rows": shape[0] * math.prod(padded),
+                "rows_batch": shape[0], "masked": any(shift)}
     if len(shape) < 3:
         raise AnalysisError(f"{where(node)}: expects (batch, tokens, features), got shape {shape}")
     b = math.prod(shape[:-2])
     return {"tokens": shape[-2], "batch": b, "rows": b * shape[-2], "rows_batch": shape[0],
             "masked": lay.mask_arg is not None}
+
+
+def window_geometry(size: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], fit: bool
+                    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Window, shift and padded size of shifted-window attention over spatial ``size``: with ``fit`` the window
+    shrinks to an axis no longer than it (torchvision's 3-D Swin); the input is padded to whole windows; an axis
+    that one window covers is not shifted (torchvision's Swin, 2-D and 3-D)."""
+    if fit:
+        window = tuple(min(w, n) for w, n in zip(window, size, strict=True))
+    padded = tuple(n + (w - n % w) % w for n, w in zip(size, window, strict=True))
+    shift = tuple(0 if w >= p else s for w, p, s in zip(window, padded, shift, strict=True))
+    return window, shift, padded
 
 
 def _bind_projections(prop: Propagation, node: fx.Node, lay: Layout, x: Chan, qk: RawSeg, hv: RawSeg) -> None:
