@@ -6,11 +6,13 @@ Debian package is missing, pasted on canvases; mdprune.detection.data.GeneratedD
 - per budget: MDP (channels + blocks, latency-table model, whole-detector end-to-end latency, checked on the
   measured latency) and uniform channel pruning (the same fraction of every prunable dimension, the
   highest-importance channels kept) at the ratio whose *measured* end-to-end latency matches MDP's measured
-  latency (bisection, each candidate measured against the dense detector in one run);
+  latency (bisection, each candidate measured against the dense detector in one run, with the dense detector's
+  detections as MDP's check times its plans: mdprune.detection.latency.with_dense_detections);
 - both get the same BatchNorm recalibration and fine-tuning recipe (``--ft-seeds N``: N times each, with other
   data orders, for the spread of mAP); mAP@[.5:.95] and mAP@.5 (pycocotools via
   torchmetrics) on the validation draw, and the end-to-end latency of MDP and of uniform each timed alternately
-  with the dense detector (a ratio with its interval, as the bisection's steps are).
+  with the dense detector (a ratio with its interval, as the bisection's steps are), each fine-tuned detector
+  with its own detections.
 Targets: MDP's mAP at or above uniform's at every budget; MDP's measured latency within 3% of each budget.
 Prints a table and writes bench/results/detection.json.
 
@@ -45,7 +47,7 @@ from mdprune.detection import (
     slim_detector,
 )
 from mdprune.detection import detection_loader as loader
-from mdprune.detection.implant import implant
+from mdprune.detection.latency import timed_detector, with_dense_detections
 from mdprune.latency import (
     LatencyModel,
     LatencySettings,
@@ -95,7 +97,8 @@ def uniform_at(dense, space, scores, fraction: float, settings, iters: int) -> t
     for _ in range(iters):
         mid = (lo + hi) / 2
         plan = uniform_plan(space, mid, scores)
-        f = measured_fraction(dense, slim_detector(space, plan, dense), space, settings).ratio
+        candidate = with_dense_detections(slim_detector(space, plan, dense), dense)  # as MDP's check times it
+        f = measured_fraction(dense, candidate, space, settings).ratio
         if best is None or abs(f - fraction) < abs(best[2] - fraction):
             best = (plan, mid, f)
         if f > fraction:
@@ -152,7 +155,7 @@ def floor(args: argparse.Namespace) -> dict:
             source = GeneratedDetection(n=1, size=size, classes=args.classes, seed=args.seed, train=True).source
             dense.load_state_dict(torch.load(dense_cache(args, size, source), weights_only=True))
         space = analyze_detector(dense, torch.randn(1, 3, size, size))
-        smallest = slim_detector(space, Plan.smallest(space), dense)
+        smallest = with_dense_detections(slim_detector(space, Plan.smallest(space), dense), dense)
         r = measure_models_ratio(smallest, dense, space, settings, FINAL)
         rows.append({"image_size": size, "trained": args.trained, "dense_ms": r.b_ms, "smallest_ms": r.a_ms,
                      "floor": r.ratio, "interval": [r.low, r.high]})
@@ -169,7 +172,7 @@ def floor_fit(dense: torch.nn.Module, space, settings: LatencySettings, lut: str
     table = open_table(settings, lut)
     build(space, table, settings, progress=True, calibrate=False)
     refs = calibration_plans(space, smallest=True)
-    fractions = reference_fractions(space, settings, refs, timed=lambda core: implant(dense, core, space))
+    fractions = reference_fractions(space, settings, refs, timed=timed_detector(dense, space))
     out = {"reference_fractions": fractions}
     for name, k in (("mid_references", len(refs) - 1), ("with_smallest", len(refs))):
         lm = LatencyModel(space, table, "table", settings.grid_points, settings.grid_points_3d)

@@ -332,3 +332,31 @@ def test_mask_rcnn_prunes_on_masks(tiny_set, tmp_path) -> None:
     images, targets = next(iter(loader(tiny_set, batch_size=2)()))
     with pytest.raises(DataError, match="masks"):
         detection_loss(det.train(), images, [{k: t[k] for k in ("boxes", "labels")} for t in targets])
+
+
+@pytest.mark.parametrize("name", ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_fpn"])
+def test_pruned_detector_timed_with_the_dense_detections(name: str) -> None:
+    """Timing hands a pruned detector's post-processing the dense detector's raw outputs (as many boxes as the
+    dense detector scores, not the many more a detector not yet fine-tuned scores): its detections are then the
+    dense detector's, its own heads still run, and copies (the timer measures one) do the same."""
+    import copy
+
+    from mdprune.detection.latency import with_dense_detections
+
+    det, x = build(name)
+    space = analyze_detector(det, x)
+    plan = mdprune.Plan.random(space, seed=1, block_prob=0.3)
+    images = torch.rand(2, 3, x.shape[-1], x.shape[-1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = det(images)
+        own = slim_detector(space, plan, det).eval()(images)
+        timed = with_dense_detections(slim_detector(space, plan, det).eval(), det)
+        calls = []
+        for path in ("head",) if name.startswith("ssd") else ("rpn.head", "roi_heads.box_predictor"):
+            timed.get_submodule(path).register_forward_hook(lambda m, a, o, path=path: calls.append(path))
+        for out in (timed(images), copy.deepcopy(timed)(images), timed(list(images))):
+            for a, b in zip(dense, out, strict=True):
+                same_detections(a, b, x.shape[-1])
+    assert any(len(a["boxes"]) != len(b["boxes"]) or not torch.equal(a["scores"], b["scores"])
+               for a, b in zip(dense, own, strict=True)), "the plan's own detections should differ from the dense"
+    assert len(calls) >= 3

@@ -28,8 +28,7 @@ from ..latency import LatencySettings, LatencyTable, open_table
 from ..search import Search, check_budget, parse_budget, solve_within_measured_budget
 from ..space import Plan, PruningSpace
 from .core import analyze_detector, masked_detector, slim_detector
-from .implant import implant
-from .latency import calibrated_detector_model
+from .latency import calibrated_detector_model, timed_detector
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
@@ -261,7 +260,7 @@ def prune_detector(
 
     plan, _, checks = solve_within_measured_budget(space, lm, settings, solve_at, target, dense["ms"],
                                                    rounds=verify_rounds, log=say,
-                                                   timed=lambda core: implant(detector, core, space))
+                                                   timed=timed_detector(detector, space))
     seconds["solve"] = time.monotonic() - t
     final = next(c for c in checks if c["kept"])
     pruned = slim_detector(space, plan, detector, trained)

@@ -37,6 +37,9 @@ class DetectorFamily:
             dict of feature maps); ``core.detector`` is the detector. Only traceable code: no anchors, no NMS.
         outputs: names of the raw outputs, in order (for reports).
         prepare: called once on a new core (e.g. to add modules the heads need, such as a fixed RoI pooling).
+        raw: paths of the detector's modules whose outputs the untraced post-processing reads (scores and
+            boxes before decoding and NMS); timing a pruned detector hands it the dense detector's outputs of
+            these (see :func:`mdprune.detection.latency.with_dense_detections`). Empty: timed as it is.
     """
 
     name: str
@@ -44,6 +47,7 @@ class DetectorFamily:
     heads: HeadsFn
     outputs: tuple[str, ...] = ()
     prepare: Callable[[DetectorCore], None] | None = None
+    raw: tuple[str, ...] = ()
 
 
 _FAMILIES: list[DetectorFamily] = []
@@ -109,7 +113,7 @@ def _single_stage_heads(core: DetectorCore, features: OrderedDict[str, torch.Ten
 register_family(DetectorFamily(
     "single_stage", ("torchvision.models.detection.ssd.SSD", "torchvision.models.detection.retinanet.RetinaNet",
                      "torchvision.models.detection.fcos.FCOS"),
-    _single_stage_heads, ("bbox_ctrness", "bbox_regression", "cls_logits")))
+    _single_stage_heads, ("bbox_ctrness", "bbox_regression", "cls_logits"), raw=("head",)))
 
 
 # ---- two-stage: Faster R-CNN ---------------------------------------------------------------------------------
@@ -195,7 +199,8 @@ def _rcnn_heads(core: DetectorCore, features: OrderedDict[str, torch.Tensor], im
 
 register_family(DetectorFamily(
     "two_stage", ("torchvision.models.detection.faster_rcnn.FasterRCNN",), _rcnn_heads,
-    ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression"), _rcnn_prepare))
+    ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression"), _rcnn_prepare,
+    raw=("rpn.head", "roi_heads.box_predictor")))
 
 
 # ---- two-stage with a second RoI head: Mask R-CNN (masks), Keypoint R-CNN (keypoints) -------------------------
@@ -222,8 +227,10 @@ def _second_head(kind: str) -> tuple[Callable[[DetectorCore], None], HeadsFn]:
 _mask_prepare, _mask_heads = _second_head("mask")
 register_family(DetectorFamily(
     "mask_rcnn", ("torchvision.models.detection.mask_rcnn.MaskRCNN",), _mask_heads,
-    ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression", "mask_logits"), _mask_prepare))
+    ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression", "mask_logits"), _mask_prepare,
+    raw=("rpn.head", "roi_heads.box_predictor")))
 _keypoint_prepare, _keypoint_heads = _second_head("keypoint")
 register_family(DetectorFamily(
     "keypoint_rcnn", ("torchvision.models.detection.keypoint_rcnn.KeypointRCNN",), _keypoint_heads,
-    ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression", "keypoint_logits"), _keypoint_prepare))
+    ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression", "keypoint_logits"), _keypoint_prepare,
+    raw=("rpn.head", "roi_heads.box_predictor")))
