@@ -244,6 +244,15 @@ def test_oneshot_prune_finishes(tiny_set, tmp_path) -> None:
     assert f"{report.target_ms:.3f} ms (70.0% of dense)" in md and "Fixed part" in md
     assert "Measured / dense" in md and md.count("`") >= 2  # the check's table and the widths
     assert json.loads(files["json"].read_text())["prune"]["target_ms"] == pytest.approx(report.target_ms)
+    # the fine-tuned detector is timed again with its own detections (mdprune detect prune reports it)
+    from mdprune.detection.latency import measure_detector_ratio
+
+    r = measure_detector_ratio(slim, det, 96, fast_settings())
+    assert 0 < r.low <= r.ratio <= r.high < 1
+    final = {"fraction": r.ratio, "low": r.low, "high": r.high, "ms": r.a_ms, "dense_ms": r.b_ms}
+    md = write_detection_report({"model": "ssdlite", "budget": "70%", "map": maps, "finetuned_latency": final,
+                                 "prune": report.to_dict()}, tmp_path / "report2")["markdown"].read_text()
+    assert f"After fine-tuning, with its own detections: {100 * r.ratio:.1f}%" in md
 
 
 def test_detector_calibration_reaches_the_floor(monkeypatch, tmp_path) -> None:

@@ -27,10 +27,13 @@ from ..latency import (
     LatencySettings,
     LatencyTable,
     Measurement,
+    Ratio,
+    RatioSettings,
     Validation,
     build,
     calibration_plans,
     measure_models,
+    measure_models_ratio,
 )
 from ..search.calibrate import reference_fractions
 from ..space import Plan, PruningSpace
@@ -101,6 +104,18 @@ def timed_detector(detector: nn.Module, space: PruningSpace) -> Any:
     """``core -> what is timed``: the dense ``detector`` running ``core`` (a masked or slim core of ``space``),
     with the dense detector's detections (:func:`with_dense_detections`)."""
     return lambda core: with_dense_detections(implant(detector, core, space), detector)
+
+
+def measure_detector_ratio(pruned: nn.Module, dense: nn.Module, image_size: int, settings: LatencySettings,
+                           ratio: RatioSettings | None = None) -> Ratio:
+    """``pruned``'s end-to-end latency as a fraction of ``dense``'s, timed alternately in one run on a random
+    ``(batch, 3, S, S)`` batch, each detector with its own detections: the figure for a fine-tuned detector as
+    it will run (a detector only just pruned is timed with the dense detector's detections instead, see
+    :func:`with_dense_detections`)."""
+    x = torch.randn(settings.batch, 3, image_size, image_size, device=settings.device, dtype=settings.weight_dtype)
+    if settings.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return measure_models_ratio(pruned, dense, None, settings, ratio, inputs=(x,))
 
 
 def measure_detectors(detector: nn.Module, space: PruningSpace, plans: dict[str, Plan], settings: LatencySettings,

@@ -177,12 +177,18 @@ def runner_pairs(backend: Backend, a: Callable[[], Any], b: Callable[[], Any], t
     return other
 
 
-def measure_models_ratio(a: torch.nn.Module, b: torch.nn.Module, space: PruningSpace, settings: LatencySettings,
-                         ratio: RatioSettings | None = None, clock: Callable[[], float] = time.monotonic) -> Ratio:
+def measure_models_ratio(a: torch.nn.Module, b: torch.nn.Module, space: PruningSpace | None,
+                         settings: LatencySettings, ratio: RatioSettings | None = None,
+                         clock: Callable[[], float] = time.monotonic,
+                         inputs: tuple[torch.Tensor, ...] | None = None) -> Ratio:
     """Latency of model ``a`` as a fraction of model ``b`` (both of ``space``), interleaved in one run with the
-    backend and deployment of ``settings`` (see :func:`measure_ratio`). Measures copies of the models."""
+    backend and deployment of ``settings`` (see :func:`measure_ratio`), on ``inputs`` (default: random inputs of
+    ``space`` at the latency batch). Measures copies of the models."""
     backend = get_backend(settings.backend, settings.threads, settings.device)
-    inputs = example_inputs(space, settings)
+    if inputs is None:
+        if space is None:
+            raise ValueError("measure_models_ratio needs the space or the inputs")
+        inputs = example_inputs(space, settings)
     with deployment(settings):
         ra = backend.runner(prepare(copy.deepcopy(a), (), settings)[0], inputs)
         rb = backend.runner(prepare(copy.deepcopy(b), (), settings)[0], inputs)

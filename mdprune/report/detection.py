@@ -35,7 +35,7 @@ def render_detection_markdown(result: Mapping[str, Any]) -> str:
     title = f"# Detection pruning report: {result.get('model') or 'detector'} at {result.get('budget') or 'n/a'}"
     setup = [f"{k}: {result[k]}" for k in ("image_size", "batch", "schedule") if result.get(k) is not None]
     lines = [title, ""] + ([", ".join(setup), ""] if setup else [])
-    lines += _accuracy(result.get("map") or {}) + _latency(prune)
+    lines += _accuracy(result.get("map") or {}) + _latency(prune) + _finetuned(result.get("finetuned_latency"))
     lines += _budget_checks([{"checks": prune.get("checks") or []}])
     lines += _steps(prune.get("steps") or []) + _blocks(prune) + _widths(prune.get("widths") or {})
     seconds = prune.get("seconds") or {}
@@ -72,6 +72,15 @@ def _latency(p: Mapping[str, Any]) -> list[str]:
     return ["## Whole-detector latency", "",
             "End to end: image transform, backbone, neck, heads and post-processing, at the run's image size and "
             "batch.", ""] + _table(["", "Value"], rows)
+
+
+def _finetuned(r: Mapping[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    return [f"After fine-tuning, with its own detections: {100 * r['fraction']:.1f}% "
+            f"[{100 * r['low']:.1f}-{100 * r['high']:.1f}] of the dense detector's latency ({format_ms(r['ms'])} "
+            f"against {format_ms(r['dense_ms'])}, timed alternately in one run). Post-processing follows the "
+            "detector's confidence: a detector less sure of itself keeps more boxes above the score threshold.", ""]
 
 
 def _steps(steps: list[Mapping[str, Any]]) -> list[str]:
