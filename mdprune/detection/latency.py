@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,7 +101,7 @@ def dense_raw_outputs(dense: nn.Module, images: torch.Tensor | list[torch.Tensor
     return outs
 
 
-def timed_detector(detector: nn.Module, space: PruningSpace) -> Any:
+def timed_detector(detector: nn.Module, space: PruningSpace) -> Callable[[nn.Module], nn.Module]:
     """``core -> what is timed``: the dense ``detector`` running ``core`` (a masked or slim core of ``space``),
     with the dense detector's detections (:func:`with_dense_detections`)."""
     return lambda core: with_dense_detections(implant(detector, core, space), detector)
