@@ -319,6 +319,12 @@ def test_second_stage_timed_at_its_real_row_count() -> None:
     hook.remove()
     fc6 = next(o for o in space.ops if o.name.endswith("box_head.fc6"))
     assert rows[0] > 8 and fc6.fixed["tokens"] * fc6.fixed["batch"] == rows[0]
+    # and the table times it so: every row, for each image of the latency batch (it timed one row per image,
+    # and the table model missed most of the detector's latency: scale 12.5 in `mdprune lut validate`)
+    from mdprune.latency.ops import op_module
+
+    _, inputs = op_module(fc6.kind, fc6.fixed, fc6.widths(space.dense_sizes()), 2, "cpu", torch.float32)
+    assert inputs[0].shape[0] == 2 * fc6.fixed["tokens"]
 
 
 def test_mask_rcnn_prunes_on_masks(tiny_set, tmp_path) -> None:

@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 def linear_fixed(prop: Propagation, in_shape: tuple[int, ...], bias: bool) -> dict[str, Any]:
     """Fixed signature of a linear layer applied to a tensor of ``in_shape`` (features last)."""
     tokens, batch = tokens_and_batch(prop, in_shape)
-    return {"tokens": tokens, "batch": batch, "bias": bias, "rank": len(in_shape)}
+    fixed = {"tokens": tokens, "batch": batch, "bias": bias, "rank": len(in_shape)}
+    if len(in_shape) == 2 and tokens > 1:  # (rows, features) with several rows per image: RoI heads' boxes
+        fixed["rows"] = True  # (also keeps table entries timed at one row per image before this from being reused)
+    return fixed
 
 
 def linear_channels(prop: Propagation, node: fx.Node, m: nn.Linear) -> Chan:
@@ -66,7 +69,7 @@ def resize_linear(new: nn.Linear, old: nn.Linear) -> None:
 
 def build_linear(fixed: dict[str, Any], w: dict[str, int], batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     lin = nn.Linear(w["in"], w["out"], bias=fixed["bias"])
-    shape = (batch, w["in"]) if fixed.get("rank", 3) == 2 else (batch, fixed["tokens"], w["in"])
+    shape = (batch * fixed["tokens"], w["in"]) if fixed.get("rank", 3) == 2 else (batch, fixed["tokens"], w["in"])
     return with_epilogue(lin, fixed, w["out"]), (torch.randn(shape),)
 
 
