@@ -36,6 +36,7 @@ from ..latency import (
     measure_models,
     measure_models_ratio,
 )
+from ..latency.build import random_inputs
 from ..search.calibrate import reference_fractions
 from ..space import Plan, PruningSpace
 from .implant import implant
@@ -64,8 +65,13 @@ def with_dense_detections(pruned: nn.Module, dense: nn.Module) -> nn.Module:
         if module.training or not images or not all(isinstance(t, torch.Tensor) for t in images):
             state["key"] = None
             return
-        key = tuple((t.data_ptr(), tuple(t.shape), t.dtype, t.device) for t in images)
-        if key != state["key"]:  # timing runs the same images again and again: the dense outputs once
+        # timing runs the same images again and again: the dense outputs once. The key holds the tensors
+        # themselves (compared by identity and version), so a new tensor cannot take a freed one's place
+        key = tuple((t, t._version) for t in images)
+        old = state["key"]
+        same = old is not None and len(old) == len(key) and all(
+            a is b and u == v for (a, u), (b, v) in zip(old, key, strict=True))
+        if not same:
             state["outs"], state["key"] = dense_raw_outputs(dense, x, paths), key
 
     def swap(path: str) -> Any:
@@ -113,10 +119,8 @@ def measure_detector_ratio(pruned: nn.Module, dense: nn.Module, image_size: int,
     ``(batch, 3, S, S)`` batch, each detector with its own detections: the figure for a fine-tuned detector as
     it will run (a detector only just pruned is timed with the dense detector's detections instead, see
     :func:`with_dense_detections`)."""
-    x = torch.randn(settings.batch, 3, image_size, image_size, device=settings.device, dtype=settings.weight_dtype)
-    if settings.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return measure_models_ratio(pruned, dense, None, settings, ratio, inputs=(x,))
+    inputs = random_inputs([(1, 3, image_size, image_size)], settings)
+    return measure_models_ratio(pruned, dense, None, settings, ratio, inputs=inputs)
 
 
 def measure_detectors(detector: nn.Module, space: PruningSpace, plans: dict[str, Plan], settings: LatencySettings,

@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,8 +171,14 @@ def model_key(space: PruningSpace) -> str:
 
 def example_inputs(space: PruningSpace, settings: LatencySettings) -> tuple[torch.Tensor, ...]:
     """Random inputs of the model at the latency batch, drawn on the device, as deployed (dtype, layout)."""
+    return random_inputs(space.input_shapes, settings)
+
+
+def random_inputs(shapes: Sequence[Sequence[int]], settings: LatencySettings) -> tuple[torch.Tensor, ...]:
+    """Random tensors of ``shapes`` with the latency batch in place of each first size, drawn on the device, as
+    deployed (dtype, layout)."""
     x = tuple(torch.randn(settings.batch, *s[1:], device=settings.device, dtype=settings.weight_dtype)
-              for s in space.input_shapes)
+              for s in shapes)
     return tuple(t.contiguous(memory_format=torch.channels_last) if settings.channels_last and t.dim() == 4 else t
                  for t in x)
 
