@@ -109,7 +109,7 @@ def uniform_at(dense, space, scores, fraction: float, settings, iters: int) -> t
     return best
 
 
-def finetuned_maps(model, train, args, val_batches) -> tuple[torch.nn.Module, list[dict]]:  # noqa: ANN001
+def finetuned_maps(model, train, args, val_batches, teacher) -> tuple[torch.nn.Module, list[dict]]:  # noqa: ANN001
     """``model`` fine-tuned alike once per fine-tuning seed (``--ft-seeds``: the data order and the random state
     differ), each copy's mAP; returns the first seed's model and every seed's mAP."""
     maps, first = [], None
@@ -117,7 +117,8 @@ def finetuned_maps(model, train, args, val_batches) -> tuple[torch.nn.Module, li
         torch.manual_seed(args.seed + 1000 * k)
         tuned = model if k == args.ft_seeds - 1 else copy.deepcopy(model)
         data = loader(train, args.batch_size, shuffle=True, seed=args.seed + 1000 * k)
-        finetune(tuned, data, args.ft_epochs, args.lr, max_batches=args.max_batches)
+        finetune(tuned, data, args.ft_epochs, args.lr, max_batches=args.max_batches, teacher=teacher,
+                 distill=args.distill)
         maps.append(evaluate_map(tuned, val_batches()))
         if first is None:
             first = tuned
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{budget}%: unreachable: {e}")
             continue
         row["mdp_map_slim"] = evaluate_map(slim, val_batches())
-        slim, maps = finetuned_maps(slim, train, args, val_batches)
+        slim, maps = finetuned_maps(slim, train, args, val_batches, dense)
         with_spread(row, "mdp", maps)
         fraction = report.measured_ms / report.measured_dense_ms
         plan, ratio, f = uniform_at(dense, space, scores, fraction, settings, args.bisect)
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         recalibrate_bn(uni, data(), args.importance_batches)
         row["uniform_ratio"], row["uniform_fraction_bisect"] = ratio, f
         row["uniform_map_slim"] = evaluate_map(uni, val_batches())
-        uni, maps = finetuned_maps(uni, train, args, val_batches)
+        uni, maps = finetuned_maps(uni, train, args, val_batches, dense)
         with_spread(row, "uniform", maps)
         for name, model in (("mdp", slim), ("uniform", uni)):
             r = measured_fraction(dense, model, space, settings, FINAL)
@@ -245,7 +246,8 @@ def run(args: argparse.Namespace) -> dict:
               f"{row['uniform_map_std']:.4f} at {100 * row['uniform_fraction']:.1f}% "
               f"({args.ft_seeds} fine-tuning seeds)")
     out = {"model": args.model, "image_size": size, "batch": args.batch, "data": train.source,
-           "train": args.train, "val": args.val, "ft_seeds": args.ft_seeds, "dense_map": dense_map, "rows": rows,
+           "train": args.train, "val": args.val, "ft_seeds": args.ft_seeds, "ft_epochs": args.ft_epochs,
+           "distill": args.distill, "dense_map": dense_map, "rows": rows,
            "smoke": args.smoke,
            "seconds": time.monotonic() - t0}
     print(f"{'budget':>6} {'MDP mAP':>8} {'MDP mAP50':>9} {'MDP lat':>8} {'uni mAP':>8} {'uni mAP50':>9} "
@@ -275,6 +277,9 @@ def main() -> None:
     p.add_argument("--ft-seeds", type=int, default=1,
                    help="fine-tune each pruned detector this many times (data order, random state) for the spread")
     p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--distill", type=float, default=1.0,
+                   help="weight of the dense detector's raw outputs matched while fine-tuning, MDP and uniform "
+                        "alike (0: the loss dict only)")
     p.add_argument("--max-batches", type=int, default=None, help="batches per epoch (default: all)")
     p.add_argument("--importance-batches", type=int, default=16)
     p.add_argument("--budgets", type=int, nargs="+", default=[70, 50, 30])

@@ -375,3 +375,61 @@ def test_pruned_detector_timed_with_the_dense_detections(name: str) -> None:
     assert any(len(a["boxes"]) != len(b["boxes"]) or not torch.equal(a["scores"], b["scores"])
                for a, b in zip(dense, own, strict=True)), "the plan's own detections should differ from the dense"
     assert len(calls) >= 3
+
+
+@pytest.mark.parametrize("name", ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_fpn"])
+def test_finetune_distils_the_dense_raw_outputs(name: str, tiny_set) -> None:
+    """Distillation while fine-tuning matches the family's per-anchor outputs (single-stage heads; an R-CNN's
+    RPN, not its second stage, whose boxes are its own proposals) on the student's own transformed images:
+    nothing to match for an exact copy, a positive term with gradients for a pruned detector, none at weight 0,
+    and the hooks go when done."""
+    import copy
+
+    from mdprune.detection import finetune
+    from mdprune.detection.data import loader
+    from mdprune.detection.distill import RawDistiller
+
+    torch.manual_seed(0)
+    det = randomize_norms(create_detector(name, num_classes=tiny_set.num_classes, image_size=96)).eval()
+    images = [tiny_set[i][0] for i in range(2)]
+    targets = [tiny_set[i][1] for i in range(2)]
+    twin = copy.deepcopy(det).eval()
+    with RawDistiller(twin, det) as d, torch.no_grad():
+        twin(images)
+        assert d.paths == (("head",) if name.startswith("ssd") else ("rpn.head",))
+        assert d.loss().item() < 1e-8
+    space = analyze_detector(det, torch.randn(1, 3, 96, 96))
+    slim = slim_detector(space, mdprune.Plan.random(space, seed=1), det).train()
+    with RawDistiller(slim, det, weight=2.0) as d, RawDistiller(slim, det, weight=0.0) as zero:
+        sum(slim(images, targets).values())  # training mode: the loss dict, as fine-tuning runs it
+        term = d.loss()
+        assert zero.loss().item() == 0.0
+        assert term.item() > 0 and term.requires_grad
+        term.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in slim.parameters())
+        assert all(p.grad is None for p in det.parameters())
+    hooks = sum(len(m._forward_hooks) for m in slim.modules())
+    lines: list[str] = []
+    finetune(slim, loader(tiny_set, batch_size=2), epochs=1, lr=1e-3, teacher=det, distill=1.0,
+             log=lines.append)
+    assert "distillation" in lines[0] and sum(len(m._forward_hooks) for m in slim.modules()) == hooks
+    with pytest.raises(ValueError, match="weight"):
+        finetune(slim, loader(tiny_set, batch_size=2), teacher=det, distill=-1.0)
+
+
+def test_detect_prune_cli_distils(tmp_path, capsys) -> None:
+    """`mdprune detect prune` fine-tunes with distillation by default (the loss line shows its term; the run's
+    JSON records the weight); --distill 0 turns it off; a negative weight is refused with a message."""
+    from mdprune.cli import main
+
+    common = ["detect", "prune", "ssdlite320_mobilenet_v3_large", "--data", "generated:8", "--image-size", "96",
+              "--backend", "flops", "--budget", "70%", "--importance-batches", "1", "--batch-size", "4",
+              "--epochs", "1", "--lut", str(tmp_path / "lut")]
+    assert main([*common, "--out", str(tmp_path / "kd")]) == 0
+    assert "(distillation " in capsys.readouterr().out
+    assert json.loads((tmp_path / "kd" / "report.json").read_text())["distill"] == 1.0
+    assert main([*common, "--distill", "0", "--out", str(tmp_path / "plain")]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1: loss" in out and "(distillation " not in out
+    assert main([*common, "--distill", "-1", "--out", str(tmp_path / "bad")]) != 0
+    assert "distillation weight" in capsys.readouterr().err

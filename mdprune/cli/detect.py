@@ -52,6 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--importance-batches", type=int, default=8)
             q.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (0: none)")
             q.add_argument("--lr", type=float, default=0.01)
+            q.add_argument("--distill", type=float, default=1.0, metavar="WEIGHT",
+                           help="while fine-tuning, match the dense detector's raw head outputs with this weight "
+                                "(default 1; 0: the loss dict only). Keeps the pruned detector as sure of the "
+                                "background as the dense one, so its post-processing stays as fast")
             q.add_argument("--batch-size", type=int, default=8)
             q.add_argument("--out", default="runs/detect", help="run directory (model.pt, report.json)")
         if name == "export":
@@ -124,6 +128,8 @@ def _prune(args: argparse.Namespace) -> int:
     from ..detection.prune import required_targets
     from ..report.detection import write_detection_report
 
+    if args.distill < 0:
+        raise ValueError(f"the distillation weight must be >= 0, got {args.distill}")
     train, val = _data(args)
     det = _detector(args, train.num_classes)
     if required_targets(det):  # Mask / Keypoint R-CNN: read the masks or keypoints too
@@ -136,7 +142,7 @@ def _prune(args: argparse.Namespace) -> int:
                                   every=args.every, importance_batches=args.importance_batches, lr=args.lr,
                                   device=args.device, log=print)
     after_slim = evaluate_map(slim, val_batches(), args.device)
-    finetune(slim, data, args.epochs, args.lr, args.device, log=print)
+    finetune(slim, data, args.epochs, args.lr, args.device, log=print, teacher=det, distill=args.distill)
     after = evaluate_map(slim, val_batches(), args.device)
     # the fine-tuned detector with its own detections: post-processing follows its confidence (docs/detection.md)
     r = measure_detector_ratio(slim, det, args.image_size, _settings(args))
@@ -145,7 +151,8 @@ def _prune(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_detector(slim, out / "model.pt")
     result = {"model": args.model, "budget": args.budget, "image_size": args.image_size, "batch": args.batch,
-              "schedule": args.schedule, "map": {"dense": before, "slim": after_slim, "finetuned": after},
+              "schedule": args.schedule, "distill": args.distill,
+              "map": {"dense": before, "slim": after_slim, "finetuned": after},
               "finetuned_latency": final, "prune": report.to_dict()}
     write_detection_report(result, out)
     print(report.summary())

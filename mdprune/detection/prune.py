@@ -28,6 +28,7 @@ from ..latency import LatencySettings, LatencyTable, open_table
 from ..search import Search, check_budget, parse_budget, solve_within_measured_budget
 from ..space import Plan, PruningSpace
 from .core import analyze_detector, masked_detector, slim_detector
+from .distill import RawDistiller
 from .latency import calibrated_detector_model, timed_detector
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
@@ -94,33 +95,52 @@ def detection_importance(space: PruningSpace, detector: nn.Module, batches: Iter
 
 def finetune(detector: nn.Module, batches: Callable[[], Iterable[Batch]], epochs: int = 1, lr: float = 0.01,
              device: str | torch.device = "cpu", after_step: Callable[[], None] | None = None,
-             max_batches: int | None = None, log: Callable[[str], None] | None = None) -> nn.Module:
+             max_batches: int | None = None, log: Callable[[str], None] | None = None,
+             teacher: nn.Module | None = None, distill: float = 0.0) -> nn.Module:
     """Train ``detector`` on its loss dict (SGD with momentum, cosine learning rate), ``epochs`` passes over
-    ``batches()``; ``after_step`` runs after each optimizer step (to hold pruned weights at zero)."""
+    ``batches()``; ``after_step`` runs after each optimizer step (to hold pruned weights at zero).
+
+    With ``teacher`` (the dense detector) and ``distill`` > 0, the loss also holds ``distill`` times the mean
+    squared error between the two detectors' raw head outputs on the same images
+    (:class:`~mdprune.detection.distill.RawDistiller`)."""
     params = [p for p in detector.parameters() if p.requires_grad]
     if not params or epochs <= 0:
         return detector
+    if distill < 0:
+        raise ValueError(f"the distillation weight must be >= 0, got {distill}")
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     total = epochs * (max_batches or _count(batches()))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + np.cos(np.pi * min(i / max(total, 1), 1))))
     detector.to(device).train()
-    for epoch in range(epochs):
-        running, n = 0.0, 0
-        for batch in _take(batches(), max_batches):
-            loss = detection_loss(detector, *_to(batch, device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the detection loss is {loss.item()} at epoch {epoch}: lower the learning "
-                                         "rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            opt.step()
-            sched.step()
-            if after_step is not None:
-                after_step()
-            running, n = running + loss.item(), n + 1
-        if log is not None:
-            log(f"epoch {epoch + 1}/{epochs}: loss {running / max(n, 1):.4f}")
+    distiller = None
+    if teacher is not None and distill > 0:
+        distiller = RawDistiller(detector, teacher.to(device), distill)
+    try:
+        for epoch in range(epochs):
+            running, kd, n = 0.0, 0.0, 0
+            for batch in _take(batches(), max_batches):
+                loss = detection_loss(detector, *_to(batch, device))
+                if distiller is not None:
+                    term = distiller.loss()
+                    kd += term.item()
+                    loss = loss + term
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the detection loss is {loss.item()} at epoch {epoch}: lower the "
+                                             "learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 10.0)
+                opt.step()
+                sched.step()
+                if after_step is not None:
+                    after_step()
+                running, n = running + loss.item(), n + 1
+            if log is not None:
+                extra = f" (distillation {kd / max(n, 1):.4f})" if distiller is not None else ""
+                log(f"epoch {epoch + 1}/{epochs}: loss {running / max(n, 1):.4f}{extra}")
+    finally:
+        if distiller is not None:
+            distiller.close()
     return detector.eval()
 
 

@@ -40,6 +40,10 @@ class DetectorFamily:
         raw: paths of the detector's modules whose outputs the untraced post-processing reads (scores and
             boxes before decoding and NMS); timing a pruned detector hands it the dense detector's outputs of
             these (see :func:`mdprune.detection.latency.with_dense_detections`). Empty: timed as it is.
+        distil: paths of the modules whose outputs hold one value per anchor or location, so that a pruned
+            and the dense detector's match on the same images; fine-tuning with distillation matches them (see
+            :class:`mdprune.detection.distill.RawDistiller`). Not the second stage of an R-CNN: its boxes are
+            the detector's own proposals.
     """
 
     name: str
@@ -48,6 +52,7 @@ class DetectorFamily:
     outputs: tuple[str, ...] = ()
     prepare: Callable[[DetectorCore], None] | None = None
     raw: tuple[str, ...] = ()
+    distil: tuple[str, ...] = ()
 
 
 _FAMILIES: list[DetectorFamily] = []
@@ -113,7 +118,7 @@ def _single_stage_heads(core: DetectorCore, features: OrderedDict[str, torch.Ten
 register_family(DetectorFamily(
     "single_stage", ("torchvision.models.detection.ssd.SSD", "torchvision.models.detection.retinanet.RetinaNet",
                      "torchvision.models.detection.fcos.FCOS"),
-    _single_stage_heads, ("bbox_ctrness", "bbox_regression", "cls_logits"), raw=("head",)))
+    _single_stage_heads, ("bbox_ctrness", "bbox_regression", "cls_logits"), raw=("head",), distil=("head",)))
 
 
 # ---- two-stage: Faster R-CNN ---------------------------------------------------------------------------------
@@ -200,7 +205,7 @@ def _rcnn_heads(core: DetectorCore, features: OrderedDict[str, torch.Tensor], im
 register_family(DetectorFamily(
     "two_stage", ("torchvision.models.detection.faster_rcnn.FasterRCNN",), _rcnn_heads,
     ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression"), _rcnn_prepare,
-    raw=("rpn.head", "roi_heads.box_predictor")))
+    raw=("rpn.head", "roi_heads.box_predictor"), distil=("rpn.head",)))
 
 
 # ---- two-stage with a second RoI head: Mask R-CNN (masks), Keypoint R-CNN (keypoints) -------------------------
@@ -228,9 +233,9 @@ _mask_prepare, _mask_heads = _second_head("mask")
 register_family(DetectorFamily(
     "mask_rcnn", ("torchvision.models.detection.mask_rcnn.MaskRCNN",), _mask_heads,
     ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression", "mask_logits"), _mask_prepare,
-    raw=("rpn.head", "roi_heads.box_predictor")))
+    raw=("rpn.head", "roi_heads.box_predictor"), distil=("rpn.head",)))
 _keypoint_prepare, _keypoint_heads = _second_head("keypoint")
 register_family(DetectorFamily(
     "keypoint_rcnn", ("torchvision.models.detection.keypoint_rcnn.KeypointRCNN",), _keypoint_heads,
     ("rpn_objectness", "rpn_deltas", "class_logits", "box_regression", "keypoint_logits"), _keypoint_prepare,
-    raw=("rpn.head", "roi_heads.box_predictor")))
+    raw=("rpn.head", "roi_heads.box_predictor"), distil=("rpn.head",)))
