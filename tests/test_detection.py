@@ -417,19 +417,33 @@ def test_finetune_distils_the_dense_raw_outputs(name: str, tiny_set) -> None:
         finetune(slim, loader(tiny_set, batch_size=2), teacher=det, distill=-1.0)
 
 
-def test_detect_prune_cli_distils(tmp_path, capsys) -> None:
-    """`mdprune detect prune` fine-tunes with distillation by default (the loss line shows its term; the run's
-    JSON records the weight); --distill 0 turns it off; a negative weight is refused with a message."""
+def test_detect_prune_cli_distils(tmp_path, capsys, monkeypatch) -> None:
+    """`mdprune detect prune` trains with distillation by default, in the iterative schedule's training and in
+    fine-tuning (the loss line shows its term; the run's JSON records the weight); --distill 0 turns it off; a
+    negative weight is refused with a message."""
     from mdprune.cli import main
+    from mdprune.detection import prune as prune_module
 
+    made: list[float] = []
+
+    class Recording(prune_module.RawDistiller):
+        def __init__(self, student, teacher, weight=1.0) -> None:  # noqa: ANN001
+            made.append(weight)
+            super().__init__(student, teacher, weight)
+
+    monkeypatch.setattr(prune_module, "RawDistiller", Recording)
     common = ["detect", "prune", "ssdlite320_mobilenet_v3_large", "--data", "generated:8", "--image-size", "96",
               "--backend", "flops", "--budget", "70%", "--importance-batches", "1", "--batch-size", "4",
               "--epochs", "1", "--lut", str(tmp_path / "lut")]
-    assert main([*common, "--out", str(tmp_path / "kd")]) == 0
-    assert "(distillation " in capsys.readouterr().out
+    iterative = ["--schedule", "iterative", "--steps", "2", "--every", "1"]
+    assert main([*common, *iterative, "--out", str(tmp_path / "kd")]) == 0
+    out = capsys.readouterr().out
+    assert "step 1/2" in out and "(distillation " in out
+    assert made == [1.0, 1.0]  # the iterative schedule's training, then fine-tuning
     assert json.loads((tmp_path / "kd" / "report.json").read_text())["distill"] == 1.0
+    made.clear()
     assert main([*common, "--distill", "0", "--out", str(tmp_path / "plain")]) == 0
     out = capsys.readouterr().out
-    assert "epoch 1/1: loss" in out and "(distillation " not in out
+    assert "epoch 1/1: loss" in out and "(distillation " not in out and not made
     assert main([*common, "--distill", "-1", "--out", str(tmp_path / "bad")]) != 0
     assert "distillation weight" in capsys.readouterr().err

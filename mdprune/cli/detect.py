@@ -53,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (0: none)")
             q.add_argument("--lr", type=float, default=0.01)
             q.add_argument("--distill", type=float, default=1.0, metavar="WEIGHT",
-                           help="while fine-tuning, match the dense detector's raw head outputs with this weight "
+                           help="while training (fine-tuning, the iterative schedule), match the dense detector's "
+                                "raw head outputs with this weight "
                                 "(default 1; 0: the loss dict only). Keeps the pruned detector as sure of the "
                                 "background as the dense one, so its post-processing stays as fast")
             q.add_argument("--batch-size", type=int, default=8)
@@ -140,7 +141,7 @@ def _prune(args: argparse.Namespace) -> int:
     slim, report = prune_detector(det, args.image_size, args.budget, data=data, settings=_settings(args),
                                   lut=args.lut, ignored_layers=args.ignore, schedule=args.schedule, steps=args.steps,
                                   every=args.every, importance_batches=args.importance_batches, lr=args.lr,
-                                  device=args.device, log=print)
+                                  distill=args.distill, device=args.device, log=print)
     after_slim = evaluate_map(slim, val_batches(), args.device)
     finetune(slim, data, args.epochs, args.lr, args.device, log=print, teacher=det, distill=args.distill)
     after = evaluate_map(slim, val_batches(), args.device)

@@ -52,6 +52,9 @@ class RawDistiller:
             raise ValueError(f"student {type(student).__name__} and teacher {type(teacher).__name__} differ")
         if not fam.distil:
             raise ValueError(f"the detector family {fam.name!r} names no modules to distil (DetectorFamily.distil)")
+        if not isinstance(getattr(student, "transform", None), nn.Module):
+            raise ValueError(f"{type(student).__name__} has no `transform` module: the distiller reads the images "
+                             "the student's heads saw from its output")
         self.paths = fam.distil
         self.weight = float(weight)
         # the teacher runs under no_grad: its parameters' flags are left alone (a later importance pass on the

@@ -220,6 +220,7 @@ def prune_detector(
     steps: int = 3,
     every: int = 8,
     lr: float = 0.01,
+    distill: float = 0.0,
     blocks: bool = True,
     verify_rounds: int = 3,
     device: str | torch.device = "cpu",
@@ -234,6 +235,8 @@ def prune_detector(
         data: a function returning an iterable of ``(images, targets)`` batches in torchvision's format (a new
             pass each call): importance, the iterative schedule's training and BatchNorm recalibration.
         schedule: ``"oneshot"`` or ``"iterative"`` (``steps`` solves, ``every`` training batches before each).
+        distill: weight of the dense detector's raw outputs matched while the iterative schedule trains (see
+            :func:`finetune`; 0: its loss dict only).
         verify_rounds: re-solves allowed while the measured latency misses the budget significantly
             (see :mod:`mdprune.search.measured`).
 
@@ -265,7 +268,7 @@ def prune_detector(
     if schedule == "iterative":
         assert data is not None
         plan, step_log, trained = _iterative(space, detector, search, data, dense["ms"], target, steps, every, lr,
-                                             device, importance_batches, say)
+                                             device, distill, say)
         seconds["iterative"] = time.monotonic() - t
         t = time.monotonic()
     if scores is None:
@@ -301,9 +304,10 @@ def prune_detector(
 
 def _iterative(space: PruningSpace, detector: nn.Module, search: Search, data: Callable[[], Iterable[Batch]],
                dense_ms: float, target: float, steps: int, every: int, lr: float, device: str | torch.device,
-               importance_batches: int, say: Callable[[str], None]) -> tuple[Plan, list[dict[str, Any]], nn.Module]:
-    """Train the masked detector, pruning a little more every ``every`` batches (importance read while
-    training); the last step's budget is left to the final, measured solve."""
+               distill: float, say: Callable[[str], None]) -> tuple[Plan, list[dict[str, Any]], nn.Module]:
+    """Train the masked detector (with ``distill`` > 0, matching the dense detector's raw outputs too),
+    pruning a little more every ``every`` batches (importance read while training); the last step's budget is
+    left to the final, measured solve."""
     plan = Plan.identity()
     det, core = masked_detector(space, plan, detector)
     det.to(device).train()
@@ -321,22 +325,31 @@ def _iterative(space: PruningSpace, detector: nn.Module, search: Search, data: C
 
     log: list[dict[str, Any]] = []
     opt = torch.optim.SGD([p for p in det.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-    for step in range(max(steps - 1, 0)):
-        acc = ImportanceAccumulator(space, core)
-        try:
-            for batch in _take(data(), every):
-                opt.zero_grad(set_to_none=True)
-                detection_loss(det, *_to(batch, device)).backward()
-                acc.step()
-                opt.step()
-                hold()
-        finally:
-            acc.close()
-        budget = dense_ms * (target / dense_ms) ** ((step + 1) / steps)
-        floor = search.smallest("latency", current=plan)
-        plan, sol = search.solve(acc.scores(), max(budget, floor * 1.0001), current=plan)
-        masks = apply_masks_(core, space, plan)
-        say(f"step {step + 1}/{steps}: budget {budget:.3f} ms, predicted {search.latency.predict_plan(plan):.3f} ms")
-        log.append({"step": step + 1, "budget_ms": budget, "predicted_ms": search.latency.predict_plan(plan),
-                    "removed_blocks": len(plan.removed), "status": sol.status})
+    distiller = RawDistiller(det, detector.to(device), distill) if distill > 0 else None
+    try:
+        for step in range(max(steps - 1, 0)):
+            acc = ImportanceAccumulator(space, core)
+            try:
+                for batch in _take(data(), every):
+                    opt.zero_grad(set_to_none=True)
+                    loss = detection_loss(det, *_to(batch, device))
+                    if distiller is not None:
+                        loss = loss + distiller.loss()
+                    loss.backward()
+                    acc.step()
+                    opt.step()
+                    hold()
+            finally:
+                acc.close()
+            budget = dense_ms * (target / dense_ms) ** ((step + 1) / steps)
+            floor = search.smallest("latency", current=plan)
+            plan, sol = search.solve(acc.scores(), max(budget, floor * 1.0001), current=plan)
+            masks = apply_masks_(core, space, plan)
+            predicted = search.latency.predict_plan(plan)
+            say(f"step {step + 1}/{steps}: budget {budget:.3f} ms, predicted {predicted:.3f} ms")
+            log.append({"step": step + 1, "budget_ms": budget, "predicted_ms": predicted,
+                        "removed_blocks": len(plan.removed), "status": sol.status})
+    finally:
+        if distiller is not None:
+            distiller.close()
     return plan, log, core
