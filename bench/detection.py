@@ -5,14 +5,15 @@ Debian package is missing, pasted on canvases; mdprune.detection.data.GeneratedD
 - ssdlite320_mobilenet_v3_large at --image-size (default 128; random init, no download) trained dense once;
 - per budget: MDP (channels + blocks, latency-table model, whole-detector end-to-end latency, checked on the
   measured latency) and uniform channel pruning (the same fraction of every prunable dimension, the
-  highest-importance channels kept) at the ratio whose *measured* end-to-end latency matches MDP's measured
-  latency (bisection, each candidate measured against the dense detector in one run, with the dense detector's
-  detections as MDP's check times its plans: mdprune.detection.latency.with_dense_detections);
+  highest-importance channels kept) at the ratio whose *measured* end-to-end latency is nearest MDP's measured
+  latency without exceeding it (bisection, each candidate measured against the dense detector in one run, with the
+  dense detector's detections as MDP's check times its plans: mdprune.detection.latency.with_dense_detections);
 - both get the same BatchNorm recalibration and fine-tuning recipe (``--ft-seeds N``: N times each, with other
   data orders, for the spread of mAP); mAP@[.5:.95] and mAP@.5 (pycocotools via
   torchmetrics) on the validation draw, and the end-to-end latency of MDP and of uniform each timed alternately
   with the dense detector (a ratio with its interval, as the bisection's steps are), each fine-tuned detector
-  with its own detections.
+  with its own detections. Each row's "verdict" compares the mean mAPs: "ahead"/"behind" when the difference is
+  over twice its standard error over the seeds, "tie" otherwise.
 Targets: MDP's mAP at or above uniform's at every budget; MDP's measured latency within 3% of each budget.
 Prints a table and writes bench/results/detection.json.
 
@@ -92,21 +93,24 @@ def measured_fraction(dense, other, space, settings, how: RatioSettings = SEARCH
 
 
 def uniform_at(dense, space, scores, fraction: float, settings, iters: int) -> tuple[Plan, float, float]:  # noqa: ANN001
-    """Bisection on the uniform ratio until its measured fraction of the dense latency matches ``fraction``."""
-    lo, hi, best = 0.05, 1.0, None
+    """Bisection on the uniform ratio until its measured fraction of the dense latency matches ``fraction``.
+
+    Returns the candidate measured nearest ``fraction`` without exceeding it (the rule MDP's measured check keeps
+    its plan by), or the nearest one when every candidate measured over it.
+    """
+    lo, hi, seen = 0.05, 1.0, []
     for _ in range(iters):
         mid = (lo + hi) / 2
         plan = uniform_plan(space, mid, scores)
         candidate = with_dense_detections(slim_detector(space, plan, dense), dense)  # as MDP's check times it
         f = measured_fraction(dense, candidate, space, settings).ratio
-        if best is None or abs(f - fraction) < abs(best[2] - fraction):
-            best = (plan, mid, f)
+        seen.append((plan, mid, f))
         if f > fraction:
             hi = mid
         else:
             lo = mid
-    assert best is not None
-    return best
+    under = [c for c in seen if c[2] <= fraction]
+    return max(under, key=lambda c: c[2]) if under else min(seen, key=lambda c: abs(c[2] - fraction))
 
 
 def finetuned_maps(model, train, args, val_batches, teacher) -> tuple[torch.nn.Module, list[dict]]:  # noqa: ANN001
@@ -134,6 +138,17 @@ def with_spread(row: dict, name: str, maps: list[dict]) -> None:
     row[f"{name}_map_seeds"] = values
     row[f"{name}_map_mean"] = statistics.fmean(values)
     row[f"{name}_map_std"] = statistics.pstdev(values)
+
+
+def verdict(row: dict) -> str:
+    """MDP against uniform on the mean mAP over the fine-tuning seeds: "ahead" or "behind" when the difference is
+    over twice its standard error (sample spreads of both sides), "tie" otherwise or with a single seed."""
+    a, b = row["mdp_map_seeds"], row["uniform_map_seeds"]
+    diff = row["mdp_map_mean"] - row["uniform_map_mean"]
+    if min(len(a), len(b)) < 2:
+        return "tie" if diff == 0 else ("ahead" if diff > 0 else "behind") + " (one seed)"
+    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    return "tie" if abs(diff) <= 2 * se else ("ahead" if diff > 0 else "behind")
 
 
 def dense_cache(args: argparse.Namespace, size: int, source: str) -> Path:
@@ -239,26 +254,28 @@ def run(args: argparse.Namespace) -> dict:
             row[f"{name}_ms"], row["dense_ms"] = r.a_ms, r.b_ms
         row["mdp_within_3pct"] = abs(row["mdp_fraction"] / row["budget"] - 1) <= 0.03  # over or under
         row["mdp_map_ge_uniform"] = row["mdp_map_mean"] >= row["uniform_map_mean"]
+        row["mdp_minus_uniform"], row["verdict"] = row["mdp_map_mean"] - row["uniform_map_mean"], verdict(row)
+        row["mdp_check_fraction"] = fraction  # what MDP's measured check saw, before fine-tuning
         row["fixed_ms"], row["predicted_ms"] = report.fixed_ms, report.predicted_ms
         rows.append(row)
         print(f"{budget}%: MDP mAP {row['mdp_map_mean']:.4f} +- {row['mdp_map_std']:.4f} at "
               f"{100 * row['mdp_fraction']:.1f}% | uniform mAP {row['uniform_map_mean']:.4f} +- "
               f"{row['uniform_map_std']:.4f} at {100 * row['uniform_fraction']:.1f}% "
-              f"({args.ft_seeds} fine-tuning seeds)")
+              f"({args.ft_seeds} fine-tuning seeds: {row['verdict']})")
     out = {"model": args.model, "image_size": size, "batch": args.batch, "data": train.source,
            "train": args.train, "val": args.val, "ft_seeds": args.ft_seeds, "ft_epochs": args.ft_epochs,
            "distill": args.distill, "dense_map": dense_map, "rows": rows,
            "smoke": args.smoke,
            "seconds": time.monotonic() - t0}
     print(f"{'budget':>6} {'MDP mAP':>8} {'MDP mAP50':>9} {'MDP lat':>8} {'uni mAP':>8} {'uni mAP50':>9} "
-          f"{'uni lat':>8}")
+          f"{'uni lat':>8}  verdict")
     for r in rows:
         if "unreachable" in r:
             print(f"{100 * r['budget']:5.0f}% unreachable")
             continue
         print(f"{100 * r['budget']:5.0f}% {r['mdp_map_mean']:8.4f} {r['mdp_map']['map_50']:9.4f} "
               f"{100 * r['mdp_fraction']:7.1f}% {r['uniform_map_mean']:8.4f} {r['uniform_map']['map_50']:9.4f} "
-              f"{100 * r['uniform_fraction']:7.1f}%")
+              f"{100 * r['uniform_fraction']:7.1f}%  {r['verdict']}")
     return out
 
 
