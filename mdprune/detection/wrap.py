@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -177,15 +178,16 @@ class _PoolAlone(nn.Module):
         return self.pool(OrderedDict(zip(self.names, tensors[:-1], strict=True)), tensors[-1])
 
 
-def build_roi_pool(fixed: dict, w: dict[str, int], batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def build_roi_pool(fixed: dict[str, Any], w: dict[str, int], batch: int
+                   ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """torchvision's multi-scale RoI Align alone, at ``w["width"]`` channels on every level."""
     names = [str(i) for i in range(len(fixed["levels"]))]
     scale, level = fixed["canonical"]
     pool = MultiScaleRoIAlign(names, fixed["output_size"], fixed["sampling_ratio"], canonical_scale=scale,
                               canonical_level=level)
     feats = tuple(torch.randn(batch, w["width"], *hw) for hw in fixed["levels"])
-    return _PoolAlone(FixedRoIPool(pool, fixed["boxes"]), names).eval(), (*feats, torch.zeros(batch, 1,
-                                                                                             *fixed["image"]))
+    images = torch.zeros(batch, 1, *fixed["image"])  # only its shape is read: batch and image size
+    return _PoolAlone(FixedRoIPool(pool, fixed["boxes"]), names).eval(), (*feats, images)
 
 
 register_layer(FixedRoIPool, channels=_roi_channels, subclasses="exact", name="fixed_roi_pool",
