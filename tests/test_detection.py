@@ -190,6 +190,29 @@ def test_coco_reader_and_map(tiny_set, tmp_path) -> None:
     assert result["map"] == pytest.approx(1.0) and result["map_50"] == pytest.approx(1.0)
 
 
+def test_map_keeps_the_coco_cap_quietly(tiny_set, recwarn) -> None:
+    """More than 100 detections in an image: the 100 best count (the ground truth, scored 1, is among them, so
+    mAP stays 1), and no warning per image is printed."""
+    from mdprune.detection.data import loader
+    from mdprune.detection.metric import evaluate_map
+
+    class Crowded(torch.nn.Module):
+        def forward(self, images):
+            out = []
+            for t in self.targets[:len(images)]:
+                junk = torch.tensor([[0.0, 0.0, 2.0, 2.0]]).repeat(150, 1)
+                out.append({"boxes": torch.cat([t["boxes"], junk]),
+                            "scores": torch.cat([torch.ones(len(t["labels"])), torch.full((150,), 0.01)]),
+                            "labels": torch.cat([t["labels"], torch.ones(150, dtype=torch.int64)])})
+            return out
+
+    crowded = Crowded()
+    crowded.targets = [t for _, t in tiny_set]
+    result = evaluate_map(crowded, loader(tiny_set, batch_size=4)())
+    assert result["map"] == pytest.approx(1.0)
+    assert not [w for w in recwarn if "detections" in str(w.message)]
+
+
 def test_voc_reader(tmp_path) -> None:
     from PIL import Image
 

@@ -19,12 +19,17 @@ from .data import Target
 @torch.no_grad()
 def evaluate_map(detector: nn.Module, batches: Iterable[tuple[list[torch.Tensor], list[Target]]],
                  device: str | torch.device = "cpu", max_batches: int | None = None) -> dict[str, float]:
-    """``{"map": mAP@[.5:.95], "map_50": mAP@.5, "images": n}`` of ``detector`` (eval mode) on ``batches``."""
+    """``{"map": mAP@[.5:.95], "map_50": mAP@.5, "images": n}`` of ``detector`` (eval mode) on ``batches``.
+
+    COCO's protocol scores the 100 highest-scored detections of each image (pycocotools' ``maxDets``); the rest
+    are left out without a warning per image (torchvision's detectors keep up to 300 by default).
+    """
     try:
         from torchmetrics.detection import MeanAveragePrecision
     except ImportError as e:
         raise ImportError("mAP needs torchmetrics and pycocotools: pip install 'mdprune[detection]'") from e
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+    metric.warn_on_many_detections = False  # the 100-per-image cap is the protocol, said once in the docstring
     was = detector.training
     detector.eval().to(device)
     n = 0
