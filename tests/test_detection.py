@@ -432,7 +432,7 @@ def test_finetune_distils_the_dense_raw_outputs(name: str, tiny_set) -> None:
     and the hooks go when done."""
     import copy
 
-    from mdprune.detection import finetune
+    from mdprune.detection import finetune, prune_detector
     from mdprune.detection.data import loader
     from mdprune.detection.distill import RawDistiller
 
@@ -462,6 +462,8 @@ def test_finetune_distils_the_dense_raw_outputs(name: str, tiny_set) -> None:
     assert "distillation" in lines[0] and sum(len(m._forward_hooks) for m in slim.modules()) == hooks
     with pytest.raises(ValueError, match="weight"):
         finetune(slim, loader(tiny_set, batch_size=2), teacher=det, distill=-1.0)
+    with pytest.raises(ValueError, match="distillation weight"):  # refused before any work, either schedule
+        prune_detector(det, 96, "50%", scores={}, schedule="iterative", distill=-1.0)
 
 
 def test_detect_prune_cli_distils(tmp_path, capsys, monkeypatch) -> None:

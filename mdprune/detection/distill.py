@@ -34,6 +34,12 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def check_weight(weight: float) -> None:
+    """Refuse a negative distillation weight (0 turns distillation off)."""
+    if weight < 0:
+        raise ValueError(f"the distillation weight must be >= 0, got {weight}")
+
+
 class RawDistiller:
     """Hooks on a student detector that record its raw outputs; :meth:`loss` compares them with the teacher's
     on the same transformed images. Use as a context manager around training (the hooks go when it exits).
@@ -45,8 +51,7 @@ class RawDistiller:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weight: float = 1.0):
-        if weight < 0:
-            raise ValueError(f"the distillation weight must be >= 0, got {weight}")
+        check_weight(weight)
         fam = family_of(teacher)
         if type(student) is not type(teacher):
             raise ValueError(f"student {type(student).__name__} and teacher {type(teacher).__name__} differ")

@@ -28,7 +28,7 @@ from ..latency import LatencySettings, LatencyTable, open_table
 from ..search import Search, check_budget, parse_budget, solve_within_measured_budget
 from ..space import Plan, PruningSpace
 from .core import analyze_detector, masked_detector, slim_detector
-from .distill import RawDistiller
+from .distill import RawDistiller, check_weight
 from .latency import calibrated_detector_model, timed_detector
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
@@ -106,8 +106,7 @@ def finetune(detector: nn.Module, batches: Callable[[], Iterable[Batch]], epochs
     params = [p for p in detector.parameters() if p.requires_grad]
     if not params or epochs <= 0:
         return detector
-    if distill < 0:
-        raise ValueError(f"the distillation weight must be >= 0, got {distill}")
+    check_weight(distill)
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     total = epochs * (max_batches or _count(batches()))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + np.cos(np.pi * min(i / max(total, 1), 1))))
@@ -246,6 +245,7 @@ def prune_detector(
     check_budget(budget, "latency")
     if schedule not in ("oneshot", "iterative"):
         raise ValueError("schedule is 'oneshot' or 'iterative'")
+    check_weight(distill)
     if scores is None and data is None:
         raise ValueError("importance needs data= (a function giving (images, targets) batches), or scores=")
     t0 = time.monotonic()
