@@ -2,7 +2,9 @@
 
 On this CPU, offline, with the generated detection set (Fashion-MNIST items, or scikit-learn's digits where the
 Debian package is missing, pasted on canvases; mdprune.detection.data.GeneratedDetection, from a seed):
-- ssdlite320_mobilenet_v3_large at --image-size (default 128; random init, no download) trained dense once;
+- ssdlite320_mobilenet_v3_large at --image-size (default 128; random init, no download) trained dense once
+  (``--redraw``: on fresh canvases every epoch, as the fine-tuning below, so that it cannot learn --train images
+  by heart);
 - per budget: MDP (channels + blocks, latency-table model, whole-detector end-to-end latency, checked on the
   measured latency) and uniform channel pruning (the same fraction of every prunable dimension, the
   highest-importance channels kept) at the ratio whose *measured* end-to-end latency is nearest MDP's measured
@@ -120,7 +122,7 @@ def finetuned_maps(model, train, args, val_batches, teacher) -> tuple[torch.nn.M
     for k in range(args.ft_seeds):
         torch.manual_seed(args.seed + 1000 * k)
         tuned = model if k == args.ft_seeds - 1 else copy.deepcopy(model)
-        data = loader(train, args.batch_size, shuffle=True, seed=args.seed + 1000 * k)
+        data = loader(train, args.batch_size, shuffle=True, seed=args.seed + 1000 * k, redraw=args.redraw)
         finetune(tuned, data, args.ft_epochs, args.lr, max_batches=args.max_batches, teacher=teacher,
                  distill=args.distill)
         maps.append(evaluate_map(tuned, val_batches()))
@@ -153,7 +155,8 @@ def verdict(row: dict) -> str:
 
 def dense_cache(args: argparse.Namespace, size: int, source: str) -> Path:
     """Where the trained dense detector of this recipe is kept."""
-    return CACHE / (f"{args.model}-{size}px-{source}-{args.train}-{args.classes}cls-{args.dense_epochs}ep-"
+    fresh = "-redraw" if args.redraw else ""
+    return CACHE / (f"{args.model}-{size}px-{source}-{args.train}{fresh}-{args.classes}cls-{args.dense_epochs}ep-"
                     f"{args.max_batches}-seed{args.seed}.pt")
 
 
@@ -206,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
     size = args.image_size
     train = GeneratedDetection(n=args.train, size=size, classes=args.classes, seed=args.seed, train=True)
     val = GeneratedDetection(n=args.val, size=size, classes=args.classes, seed=args.seed + 1, train=False)
-    data = loader(train, args.batch_size, shuffle=True, seed=args.seed)
+    data = loader(train, args.batch_size, shuffle=True, seed=args.seed, redraw=args.redraw)
     val_batches = loader(val, args.batch_size)
     settings = settings_for(args)
     lut = args.lut or tempfile.mkdtemp(prefix="mdprune-det-lut-")
@@ -222,6 +225,7 @@ def run(args: argparse.Namespace) -> dict:
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save(dense.state_dict(), cache)
     dense.eval()
+    data = loader(train, args.batch_size, shuffle=True, seed=args.seed)  # the same passes, trained or cached
     dense_map = evaluate_map(dense, val_batches())
     print(f"dense ({train.source}, {time.monotonic() - t0:.0f} s): {dense_map}")
     space = analyze_detector(dense, torch.randn(1, 3, size, size))
@@ -263,7 +267,8 @@ def run(args: argparse.Namespace) -> dict:
               f"{row['uniform_map_std']:.4f} at {100 * row['uniform_fraction']:.1f}% "
               f"({args.ft_seeds} fine-tuning seeds: {row['verdict']})")
     out = {"model": args.model, "image_size": size, "batch": args.batch, "data": train.source,
-           "train": args.train, "val": args.val, "ft_seeds": args.ft_seeds, "ft_epochs": args.ft_epochs,
+           "train": args.train, "redraw": args.redraw, "val": args.val, "ft_seeds": args.ft_seeds,
+           "ft_epochs": args.ft_epochs,
            "distill": args.distill, "dense_map": dense_map, "rows": rows,
            "smoke": args.smoke,
            "seconds": time.monotonic() - t0}
@@ -286,6 +291,8 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--train", type=int, default=1024)
     p.add_argument("--val", type=int, default=256)
+    p.add_argument("--redraw", action="store_true",
+                   help="fresh training images every epoch (dense training and fine-tuning), --train per epoch")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--batch", type=int, default=1, help="latency batch")
     p.add_argument("--threads", type=int, default=1)

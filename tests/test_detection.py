@@ -167,6 +167,31 @@ def test_generated_set_reproducible(tiny_set) -> None:
     assert (t["boxes"][:, 2:] > t["boxes"][:, :2]).all() and t["labels"].min() >= 1
 
 
+def test_loader_redraws_the_generated_set_each_pass(tiny_set) -> None:
+    """With ``redraw``, the first pass reads the set and each later pass fresh, valid images; two loaders with
+    the same seed give the same passes, another seed other images; fixed image sets are refused."""
+    from mdprune.detection.data import DataError, loader
+
+    def passes(seed: int) -> list[list[torch.Tensor]]:
+        make = loader(tiny_set, batch_size=2, seed=seed, redraw=True)
+        return [[x for images, _ in make() for x in images] for _ in range(3)]
+
+    first, again, other = passes(0), passes(0), passes(5)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(first[0], tiny_set, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first[0], first[1], strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first[1], first[2], strict=True))
+    assert all(torch.equal(a, b) for p, q in zip(first, again, strict=True) for a, b in zip(p, q, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first[1], other[1], strict=True))
+    make = loader(tiny_set, batch_size=2, redraw=True)
+    make()
+    for images, targets in make():  # a redrawn pass: the set's shapes, valid boxes and labels
+        for x, t in zip(images, targets, strict=True):
+            assert x.shape == (3, 96, 96) and len(t["boxes"]) >= 1
+            assert (t["boxes"][:, 2:] > t["boxes"][:, :2]).all() and t["labels"].min() >= 1
+    with pytest.raises(DataError, match="redraw"):
+        loader(torch.utils.data.TensorDataset(torch.zeros(2, 3, 8, 8)), redraw=True)
+
+
 def test_coco_reader_and_map(tiny_set, tmp_path) -> None:
     """The generated set written as COCO, read back (boxes within a pixel of rounding), and its ground truth
     scored as predictions gives mAP 1."""

@@ -213,8 +213,9 @@ class GeneratedDetection(Dataset):
         keep = y < classes
         self.items, self.item_labels = x[keep], y[keep]
         self.classes = [str(c) for c in range(classes)]
+        self.seed, self.recipe = seed, (max_objects, min_item, max_item)
         g = torch.Generator().manual_seed(seed)
-        self.samples = [self._draw(g, max_objects, min_item, max_item) for _ in range(n)]
+        self.samples = [self._draw(g, *self.recipe) for _ in range(n)]
 
     @property
     def num_classes(self) -> int:
@@ -253,6 +254,12 @@ class GeneratedDetection(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
         return self.samples[i]
 
+    def redrawn(self, seed: int) -> Dataset:
+        """As many fresh images of the same recipe (canvas, classes, item pool, object counts and sizes), drawn
+        from ``seed`` when read: image ``i`` comes from its own generator seeded by the set's seed, ``seed`` and
+        ``i``, so any order of reads gives the same images. The set itself is left as it is."""
+        return _Redrawn(self, seed)
+
     def save_coco(self, root: str | Path) -> Path:
         """Write the set as a COCO-format folder (``images/*.png`` and ``instances.json``); returns the JSON."""
         from PIL import Image
@@ -274,6 +281,21 @@ class GeneratedDetection(Dataset):
         return path
 
 
+class _Redrawn(Dataset):
+    """A fresh draw of a :class:`GeneratedDetection`, made as it is read (:meth:`GeneratedDetection.redrawn`)."""
+
+    def __init__(self, base: GeneratedDetection, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
+        state = np.random.SeedSequence([self.base.seed, self.seed, i]).generate_state(1, np.uint64)[0]
+        g = torch.Generator().manual_seed(int(state) & (2**63 - 1))
+        return self.base._draw(g, *self.base.recipe)
+
+
 def _rle(mask: torch.Tensor) -> dict[str, Any]:
     """A (H, W) mask as COCO's uncompressed run-length encoding: column-major runs, the first one of 0s."""
     flat = mask.T.reshape(-1).numpy().astype(np.uint8)
@@ -286,16 +308,25 @@ def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-def loader(ds: Dataset, batch_size: int = 8, shuffle: bool = False, seed: int = 0, limit: int | None = None
-           ) -> Callable[[], Iterable[tuple[list[torch.Tensor], list[Target]]]]:
+def loader(ds: Dataset, batch_size: int = 8, shuffle: bool = False, seed: int = 0, limit: int | None = None,
+           redraw: bool = False) -> Callable[[], Iterable[tuple[list[torch.Tensor], list[Target]]]]:
     """A function giving a new pass over ``ds`` in batches of torchvision's format, each call (reshuffled
-    from ``seed`` and the pass number when ``shuffle``); ``limit``: at most that many batches per pass."""
+    from ``seed`` and the pass number when ``shuffle``); ``limit``: at most that many batches per pass.
+
+    ``redraw`` (a :class:`GeneratedDetection` only): the first pass reads ``ds``, every later pass a fresh draw of
+    it (:meth:`GeneratedDetection.redrawn`, from ``seed`` and the pass number), so that a detector trained for
+    many passes sees new images each time instead of learning a small set by heart."""
+    if redraw and not isinstance(ds, GeneratedDetection):
+        raise DataError(f"redraw needs the generated detection set, not {type(ds).__name__}: other sets are "
+                        "fixed images")
     passes = [0]
 
     def make() -> Iterable[tuple[list[torch.Tensor], list[Target]]]:
-        g = torch.Generator().manual_seed(seed + passes[0])
+        p = passes[0]
+        g = torch.Generator().manual_seed(seed + p)
         passes[0] += 1
-        dl = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=collate)
+        images = ds.redrawn(seed * 1_000_003 + p) if redraw and p > 0 else ds  # type: ignore[attr-defined]
+        dl = DataLoader(images, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=collate)
         return dl if limit is None else _limited(dl, limit)
 
     return make
