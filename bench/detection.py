@@ -10,6 +10,9 @@ Debian package is missing, pasted on canvases; mdprune.detection.data.GeneratedD
   highest-importance channels kept) at the ratio whose *measured* end-to-end latency is nearest MDP's measured
   latency without exceeding it (bisection, each candidate measured against the dense detector in one run, with the
   dense detector's detections as MDP's check times its plans: mdprune.detection.latency.with_dense_detections);
+- every latency measurement (MDP's tables' calibration and check, the bisection, the final figures) runs the
+  detectors on the first --batch validation images (``--random-timing``: random images, on which a trained
+  detector scores far more boxes than on real ones, so post-processing is not timed as deployed);
 - both get the same BatchNorm recalibration and fine-tuning recipe (``--ft-seeds N``: N times each, with other
   data orders, for the spread of mAP); mAP@[.5:.95] and mAP@.5 (pycocotools via
   torchmetrics) on the validation draw, and the end-to-end latency of MDP and of uniform each timed alternately
@@ -50,7 +53,7 @@ from mdprune.detection import (
     slim_detector,
 )
 from mdprune.detection import detection_loader as loader
-from mdprune.detection.latency import timed_detector, with_dense_detections
+from mdprune.detection.latency import measure_detector_ratio, timed_detector, timing_images, with_dense_detections
 from mdprune.latency import (
     LatencyModel,
     LatencySettings,
@@ -58,7 +61,6 @@ from mdprune.latency import (
     TimingSettings,
     build,
     calibration_plans,
-    measure_models_ratio,
     open_table,
 )
 from mdprune.search.calibrate import reference_fractions
@@ -90,11 +92,23 @@ SEARCH = RatioSettings(tolerance=0.04, min_seconds=4.0, time_cap=8.0)
 FINAL = RatioSettings(tolerance=0.02, time_cap=30.0)
 
 
-def measured_fraction(dense, other, space, settings, how: RatioSettings = SEARCH):  # noqa: ANN001, ANN201
-    return measure_models_ratio(other, dense, space, settings, how)
+def measured_fraction(dense, other, images, settings, how: RatioSettings = SEARCH):  # noqa: ANN001, ANN201
+    """``other``'s end-to-end latency as a fraction of ``dense``'s, timed alternately on ``images`` (None: random
+    ones)."""
+    size = dense.transform.min_size[0]
+    return measure_detector_ratio(other, dense, size, settings, how, images)
 
 
-def uniform_at(dense, space, scores, fraction: float, settings, iters: int) -> tuple[Plan, float, float]:  # noqa: ANN001
+def bench_timing_images(args: argparse.Namespace, size: int) -> torch.Tensor | None:
+    """What every latency measurement runs the detectors on: the first --batch validation images (None with
+    --random-timing: random images, where a trained detector scores far more boxes than on real ones)."""
+    if args.random_timing:
+        return None
+    val = GeneratedDetection(n=args.batch, size=size, classes=args.classes, seed=args.seed + 1, train=False)
+    return timing_images(loader(val, args.batch)(), args.batch, size)
+
+
+def uniform_at(dense, space, scores, fraction: float, settings, iters: int, images) -> tuple[Plan, float, float]:  # noqa: ANN001
     """Bisection on the uniform ratio until its measured fraction of the dense latency matches ``fraction``.
 
     Returns the candidate measured nearest ``fraction`` without exceeding it (the rule MDP's measured check keeps
@@ -105,7 +119,7 @@ def uniform_at(dense, space, scores, fraction: float, settings, iters: int) -> t
         mid = (lo + hi) / 2
         plan = uniform_plan(space, mid, scores)
         candidate = with_dense_detections(slim_detector(space, plan, dense), dense)  # as MDP's check times it
-        f = measured_fraction(dense, candidate, space, settings).ratio
+        f = measured_fraction(dense, candidate, images, settings).ratio
         seen.append((plan, mid, f))
         if f > fraction:
             hi = mid
@@ -175,23 +189,26 @@ def floor(args: argparse.Namespace) -> dict:
             dense.load_state_dict(torch.load(dense_cache(args, size, source), weights_only=True))
         space = analyze_detector(dense, torch.randn(1, 3, size, size))
         smallest = with_dense_detections(slim_detector(space, Plan.smallest(space), dense), dense)
-        r = measure_models_ratio(smallest, dense, space, settings, FINAL)
+        images = bench_timing_images(args, size)
+        r = measured_fraction(dense, smallest, images, settings, FINAL)
         rows.append({"image_size": size, "trained": args.trained, "dense_ms": r.b_ms, "smallest_ms": r.a_ms,
                      "floor": r.ratio, "interval": [r.low, r.high]})
         print(f"{size} px: dense {r.b_ms:.2f} ms, smallest plan {r.a_ms:.2f} ms: the floor is {100 * r.ratio:.1f}% "
               f"[{100 * r.low:.1f}-{100 * r.high:.1f}] of dense")
         if args.fit:
-            rows[-1] |= floor_fit(dense, space, settings, args.lut or tempfile.mkdtemp(prefix="mdprune-det-lut-"))
+            rows[-1] |= floor_fit(dense, space, settings, args.lut or tempfile.mkdtemp(prefix="mdprune-det-lut-"),
+                                  images)
     return {"model": args.model, "batch": args.batch, "threads": args.threads, "rows": rows}
 
 
-def floor_fit(dense: torch.nn.Module, space, settings: LatencySettings, lut: str) -> dict:  # noqa: ANN001
+def floor_fit(dense: torch.nn.Module, space, settings: LatencySettings, lut: str,  # noqa: ANN001
+              images: torch.Tensor | None) -> dict:
     """The floor the calibrated latency model predicts (what the solver takes as the smallest reachable) when
     fitted on the middle references alone and with the smallest plan among them, against the measured floor."""
     table = open_table(settings, lut)
     build(space, table, settings, progress=True, calibrate=False)
     refs = calibration_plans(space, smallest=True)
-    fractions = reference_fractions(space, settings, refs, timed=timed_detector(dense, space))
+    fractions = reference_fractions(space, settings, refs, timed=timed_detector(dense, space, images))
     out = {"reference_fractions": fractions}
     for name, k in (("mid_references", len(refs) - 1), ("with_smallest", len(refs))):
         lm = LatencyModel(space, table, "table", settings.grid_points, settings.grid_points_3d)
@@ -230,12 +247,14 @@ def run(args: argparse.Namespace) -> dict:
     print(f"dense ({train.source}, {time.monotonic() - t0:.0f} s): {dense_map}")
     space = analyze_detector(dense, torch.randn(1, 3, size, size))
     scores = detection_importance(space, dense, data(), args.importance_batches)
+    images = bench_timing_images(args, size)
     rows = []
     for budget in args.budgets:
         row: dict = {"budget": budget / 100}
         try:
             slim, report = prune_detector(dense, size, f"{budget}%", data=data, settings=settings, lut=lut,
-                                          space=space, importance_batches=args.importance_batches, log=print)
+                                          space=space, importance_batches=args.importance_batches, log=print,
+                                          timing_images="random" if images is None else images)
         except InfeasibleBudget as e:  # the fixed part (transform, anchors, post-processing) sets a floor
             row["unreachable"] = str(e)
             rows.append(row)
@@ -245,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
         slim, maps = finetuned_maps(slim, train, args, val_batches, dense)
         with_spread(row, "mdp", maps)
         fraction = report.measured_ms / report.measured_dense_ms
-        plan, ratio, f = uniform_at(dense, space, scores, fraction, settings, args.bisect)
+        plan, ratio, f = uniform_at(dense, space, scores, fraction, settings, args.bisect, images)
         uni = slim_detector(space, plan, dense)
         recalibrate_bn(uni, data(), args.importance_batches)
         row["uniform_ratio"], row["uniform_fraction_bisect"] = ratio, f
@@ -253,7 +272,7 @@ def run(args: argparse.Namespace) -> dict:
         uni, maps = finetuned_maps(uni, train, args, val_batches, dense)
         with_spread(row, "uniform", maps)
         for name, model in (("mdp", slim), ("uniform", uni)):
-            r = measured_fraction(dense, model, space, settings, FINAL)
+            r = measured_fraction(dense, model, images, settings, FINAL)
             row[f"{name}_fraction"], row[f"{name}_interval"] = r.ratio, [r.low, r.high]
             row[f"{name}_ms"], row["dense_ms"] = r.a_ms, r.b_ms
         row["mdp_within_3pct"] = abs(row["mdp_fraction"] / row["budget"] - 1) <= 0.03  # over or under
@@ -268,6 +287,7 @@ def run(args: argparse.Namespace) -> dict:
               f"({args.ft_seeds} fine-tuning seeds: {row['verdict']})")
     out = {"model": args.model, "image_size": size, "batch": args.batch, "data": train.source,
            "train": args.train, "redraw": args.redraw, "val": args.val, "ft_seeds": args.ft_seeds,
+           "timed_on": "random images" if images is None else f"the first {args.batch} validation images",
            "ft_epochs": args.ft_epochs,
            "distill": args.distill, "dense_map": dense_map, "rows": rows,
            "smoke": args.smoke,
@@ -291,6 +311,8 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--train", type=int, default=1024)
     p.add_argument("--val", type=int, default=256)
+    p.add_argument("--random-timing", action="store_true",
+                   help="time the detectors on random images instead of the first --batch validation images")
     p.add_argument("--redraw", action="store_true",
                    help="fresh training images every epoch (dense training and fine-tuning), --train per epoch")
     p.add_argument("--batch-size", type=int, default=16)

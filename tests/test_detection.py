@@ -272,7 +272,7 @@ def test_oneshot_prune_finishes(tiny_set, tmp_path) -> None:
     slim, report = prune_detector(det, 96, "70%", data=loader(tiny_set, batch_size=2), settings=fast_settings(),
                                   lut=tmp_path / "lut", importance_batches=1, verify_rounds=0)
     assert report.params[1] < report.params[0] and report.predicted_ms <= report.target_ms * 1.0001
-    assert report.fixed_ms >= 0
+    assert report.fixed_ms >= 0 and report.timed_on == "the data's first 1 image(s)"
     images = [tiny_set[0][0]]
     with torch.no_grad():
         out = slim.eval()(images)[0]
@@ -450,6 +450,41 @@ def test_pruned_detector_timed_with_the_dense_detections(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_fpn"])
+def test_detectors_timed_on_the_given_images(name: str) -> None:
+    """What the timer feeds (random tensors) is replaced by the timing images before the dense detections are
+    read: a timed plan called on noise gives the dense detector's detections on the images, not on the noise;
+    calls with a list of images (evaluation) or another shape are left alone; wrong shapes are refused."""
+    import copy
+
+    from mdprune.apply import slim
+    from mdprune.detection import prune_detector
+    from mdprune.detection.latency import measure_detector_ratio, on_images, timed_detector, timing_images
+
+    det, x = build(name)
+    s = x.shape[-1]
+    space = analyze_detector(det, x)
+    plan = mdprune.Plan.random(space, seed=2, block_prob=0.3)
+    g = torch.Generator().manual_seed(3)
+    images = timing_images([([torch.rand(3, s + 8, s, generator=g)], [{}]), ([torch.rand(3, s, s, generator=g)],
+                                                                             [{}])], 3, s)
+    assert images.shape == (3, 3, s, s) and torch.equal(images[2], images[0])  # resized, read again from the first
+    noise = torch.randn(3, 3, s, s, generator=g)
+    with torch.no_grad():
+        on_real, on_noise = det(images), det(noise)
+        timed = timed_detector(det, space, images)(slim(space, plan)).eval()
+        for a, b in zip(on_real, timed(noise), strict=True):
+            same_detections(a, b, s)
+        for a, b in zip(on_noise, on_images(copy.deepcopy(det), images)(list(noise)), strict=True):
+            same_detections(a, b, s)
+    with pytest.raises(ValueError, match="shape"):
+        measure_detector_ratio(det, det, s, fast_settings(), images=images)  # the latency batch is 1
+    with pytest.raises(ValueError, match="shape"):
+        prune_detector(det, s, "50%", scores={}, settings=fast_settings(), timing_images=images)
+    with pytest.raises(ValueError, match="'data', 'random'"):
+        prune_detector(det, s, "50%", scores={}, settings=fast_settings(), timing_images="noise")
+
+
+@pytest.mark.parametrize("name", ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_fpn"])
 def test_finetune_distils_the_dense_raw_outputs(name: str, tiny_set) -> None:
     """Distillation while fine-tuning matches the family's per-anchor outputs (single-stage heads; an R-CNN's
     RPN, not its second stage, whose boxes are its own proposals) on the student's own transformed images:
@@ -514,10 +549,36 @@ def test_detect_prune_cli_distils(tmp_path, capsys, monkeypatch) -> None:
     out = capsys.readouterr().out
     assert "step 1/2" in out and "(distillation " in out
     assert made == [1.0, 1.0]  # the iterative schedule's training, then fine-tuning
-    assert json.loads((tmp_path / "kd" / "report.json").read_text())["distill"] == 1.0
+    report = json.loads((tmp_path / "kd" / "report.json").read_text())
+    assert report["distill"] == 1.0 and report["prune"]["timed_on"] == "1 given image(s)"  # the val data's first
     made.clear()
     assert main([*common, "--distill", "0", "--out", str(tmp_path / "plain")]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/1: loss" in out and "(distillation " not in out and not made
     assert main([*common, "--distill", "-1", "--out", str(tmp_path / "bad")]) != 0
     assert "distillation weight" in capsys.readouterr().err
+
+
+def test_detect_validate_cli_times_on_the_data(tmp_path, capsys, monkeypatch) -> None:
+    """`mdprune detect validate` times the detectors on the first --batch images of the evaluation data (or on
+    random images with --timing-images random) and prints the predicted-vs-measured summary."""
+    import mdprune.detection as detection
+    from mdprune.cli import main
+
+    seen: list[torch.Tensor | None] = []
+    real = detection.validate_detector
+
+    def recording(*args, images=None, **kw):  # noqa: ANN002, ANN003, ANN202
+        seen.append(images)
+        return real(*args, images=images, **kw)
+
+    monkeypatch.setattr(detection, "validate_detector", recording)
+    common = ["detect", "validate", "ssdlite320_mobilenet_v3_large", "--data", "generated:8", "--image-size", "96",
+              "--backend", "flops", "--samples", "2", "--lut", str(tmp_path / "lut")]
+    for how in ("data", "random"):
+        assert main([*common, "--timing-images", how]) == 0
+        out = capsys.readouterr().out
+        summary = json.loads(out[out.index("{"):])
+        assert summary["samples"] == 2 and summary["fixed_ms"] >= 0
+    assert seen[0] is not None and seen[0].shape == (1, 3, 96, 96) and seen[0].min() >= 0 and seen[0].max() <= 1
+    assert seen[1] is None

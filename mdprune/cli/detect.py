@@ -42,6 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--lut", default=None, help="latency table file or cache directory")
         q.add_argument("--device", default="cpu")
         q.set_defaults(func=fn)
+        if name in ("validate", "prune"):
+            q.add_argument("--timing-images", default="data", choices=["data", "random"],
+                           help="what latency is measured on: the first --batch images of the evaluation data "
+                                "(default: post-processing then costs what real detections make it cost) or "
+                                "random images")
         if name == "validate":
             q.add_argument("--samples", type=int, default=5, help="random plans (default 5)")
         if name == "prune":
@@ -106,8 +111,11 @@ def _validate(args: argparse.Namespace) -> int:
     det = _detector(args)
     space = _space(args, det)
     settings = _settings(args)
+    images = None
+    if args.timing_images == "data":
+        images = _timing_images(args, _data(args)[1])
     v = validate_detector(det, space, open_table(settings, args.lut), settings,
-                          random_plans(space, args.samples), progress=True)
+                          random_plans(space, args.samples), progress=True, images=images)
     print(json.dumps({**v.summary(), "fixed_ms": v.fixed_ms}, indent=1))
     return 0
 
@@ -119,6 +127,13 @@ def _data(args: argparse.Namespace, need: set[str] = frozenset()) -> tuple[Any, 
     train = open_detection_data(args.data, args.image_size, "train", **kw)
     val = open_detection_data(args.val_data or args.data, args.image_size, "val", **kw)
     return train, val
+
+
+def _timing_images(args: argparse.Namespace, val: Any) -> Any:
+    from ..detection.data import loader
+    from ..detection.latency import timing_images
+
+    return timing_images(loader(val, args.batch)(), args.batch, args.image_size)
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -138,15 +153,17 @@ def _prune(args: argparse.Namespace) -> int:
     data = loader(train, args.batch_size, shuffle=True)
     val_batches = loader(val, args.batch_size)
     before = evaluate_map(det, val_batches(), args.device)
+    images = _timing_images(args, val) if args.timing_images == "data" else "random"
     slim, report = prune_detector(det, args.image_size, args.budget, data=data, settings=_settings(args),
                                   lut=args.lut, ignored_layers=args.ignore, schedule=args.schedule, steps=args.steps,
                                   every=args.every, importance_batches=args.importance_batches, lr=args.lr,
-                                  distill=args.distill, device=args.device, log=print)
+                                  distill=args.distill, timing_images=images, device=args.device, log=print)
     after_slim = evaluate_map(slim, val_batches(), args.device)
     finetune(slim, data, args.epochs, args.lr, args.device, log=print, teacher=det, distill=args.distill)
     after = evaluate_map(slim, val_batches(), args.device)
     # the fine-tuned detector with its own detections: post-processing follows its confidence (docs/detection.md)
-    r = measure_detector_ratio(slim, det, args.image_size, _settings(args))
+    r = measure_detector_ratio(slim, det, args.image_size, _settings(args),
+                               images=None if isinstance(images, str) else images)
     final = {"fraction": r.ratio, "low": r.low, "high": r.high, "ms": r.a_ms, "dense_ms": r.b_ms}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,16 +7,20 @@ dense one and reference plans, in one run), absorbs it, so predicted and measure
 detector's. The detector is measured on a batch of transformed-size images as one tensor (torchvision detectors
 take an (N, 3, H, W) tensor as a batch of images).
 
-A pruned detector is timed with the dense detector's detections (:func:`with_dense_detections`): the cost of box
-decoding and NMS grows with the boxes scored above the threshold, and a detector just pruned, not yet
-fine-tuned, scores many more boxes than it will once fine-tuned.
+The cost of box decoding and NMS grows with the boxes scored above the threshold, so what is timed decides it:
+- Detectors are timed on real images where there are any (:func:`timing_images`, :func:`on_images`): on random
+  ones, a trained detector scores boxes as it never does on images (measured, ssdlite320_mobilenet_v3_large
+  trained on the generated set at 160 px: 160-260 detections per random image, 1-8 per real one), and the
+  post-processing timed is not the deployed one.
+- A pruned detector is timed with the dense detector's detections (:func:`with_dense_detections`): a detector just
+  pruned, not yet fine-tuned, scores many more boxes than it will once fine-tuned.
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -41,6 +45,48 @@ from ..search.calibrate import reference_fractions
 from ..space import Plan, PruningSpace
 from .implant import implant
 from .wrap import family_of
+
+
+def timing_images(batches: Iterable[Any], batch: int, image_size: int) -> torch.Tensor:
+    """A ``(batch, 3, S, S)`` tensor of the first ``batch`` images of ``batches`` (``(images, targets)`` pairs in
+    torchvision's format, or bare lists of images), each resized to ``image_size`` square where it is not; read
+    again from the first image when there are fewer."""
+    images: list[torch.Tensor] = []
+    for b in batches:
+        for x in (b[0] if isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], (list, tuple)) else b):
+            if x.shape[-2:] != (image_size, image_size):
+                x = nn.functional.interpolate(x[None].float(), size=(image_size, image_size), mode="bilinear",
+                                              align_corners=False)[0]
+            images.append(x.float())
+            if len(images) == batch:
+                return torch.stack(images)
+    if not images:
+        raise ValueError("no images to time the detector on: the data gave none")
+    return torch.stack([images[i % len(images)] for i in range(batch)])
+
+
+def on_images(detector: nn.Module, images: torch.Tensor | None) -> nn.Module:
+    """``detector`` (hooked in place and returned) run on ``images`` whenever it is called in eval mode with a
+    tensor batch of their shape, whatever that tensor holds: the timing code's random inputs become real images
+    (on the inputs' device, dtype and memory format), before the detector's other forward pre-hooks see them.
+    ``None``: left as it is."""
+    if images is None:
+        return detector
+    seen: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def swap(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0] if args else None
+        if module.training or not isinstance(x, torch.Tensor) or x.shape != images.shape:
+            return None
+        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous() else torch.contiguous_format
+        key = (x.device, x.dtype, layout)
+        if key not in seen:  # one tensor per kind: with_dense_detections keys its cache on the tensor's identity
+            seen[key] = images.to(device=x.device, dtype=x.dtype).contiguous(memory_format=layout)
+        return (seen[key], *args[1:])
+
+    detector.register_forward_pre_hook(swap, prepend=True)  # before any other hook (with_dense_detections's)
+    return detector
 
 
 def with_dense_detections(pruned: nn.Module, dense: nn.Module) -> nn.Module:
@@ -107,33 +153,44 @@ def dense_raw_outputs(dense: nn.Module, images: torch.Tensor | list[torch.Tensor
     return outs
 
 
-def timed_detector(detector: nn.Module, space: PruningSpace) -> Callable[[nn.Module], nn.Module]:
+def timed_detector(detector: nn.Module, space: PruningSpace, images: torch.Tensor | None = None
+                   ) -> Callable[[nn.Module], nn.Module]:
     """``core -> what is timed``: the dense ``detector`` running ``core`` (a masked or slim core of ``space``),
-    with the dense detector's detections (:func:`with_dense_detections`)."""
-    return lambda core: with_dense_detections(implant(detector, core, space), detector)
+    on ``images`` (:func:`on_images`; ``None``: the timing code's random inputs), with the dense detector's
+    detections (:func:`with_dense_detections`)."""
+    return lambda core: with_dense_detections(on_images(implant(detector, core, space), images), detector)
 
 
 def measure_detector_ratio(pruned: nn.Module, dense: nn.Module, image_size: int, settings: LatencySettings,
-                           ratio: RatioSettings | None = None) -> Ratio:
-    """``pruned``'s end-to-end latency as a fraction of ``dense``'s, timed alternately in one run on a random
-    ``(batch, 3, S, S)`` batch, each detector with its own detections: the figure for a fine-tuned detector as
-    it will run (a detector only just pruned is timed with the dense detector's detections instead, see
-    :func:`with_dense_detections`)."""
+                           ratio: RatioSettings | None = None, images: torch.Tensor | None = None) -> Ratio:
+    """``pruned``'s end-to-end latency as a fraction of ``dense``'s, timed alternately in one run on ``images``
+    (a ``(batch, 3, S, S)`` tensor, :func:`timing_images`; ``None``: random ones), each detector with its own
+    detections: the figure for a fine-tuned detector as it will run (a detector only just pruned is timed with
+    the dense detector's detections instead, see :func:`with_dense_detections`)."""
     inputs = random_inputs([(1, 3, image_size, image_size)], settings)
-    return measure_models_ratio(pruned, dense, None, settings, ratio, inputs=inputs)
+    if images is None:
+        return measure_models_ratio(pruned, dense, None, settings, ratio, inputs=inputs)
+    if images.shape != inputs[0].shape:
+        raise ValueError(f"timing images of shape {tuple(images.shape)}: the latency batch and image size give "
+                         f"{tuple(inputs[0].shape)}")
+    return measure_models_ratio(on_images(copy.deepcopy(pruned), images), on_images(copy.deepcopy(dense), images),
+                                None, settings, ratio, inputs=inputs)
 
 
 def measure_detectors(detector: nn.Module, space: PruningSpace, plans: dict[str, Plan], settings: LatencySettings,
-                      progress: bool = False) -> dict[str, Measurement]:
-    """End-to-end latency of the detector slimmed to each plan, measured interleaved in one run."""
-    timed = timed_detector(detector, space)
+                      progress: bool = False, images: torch.Tensor | None = None) -> dict[str, Measurement]:
+    """End-to-end latency of the detector slimmed to each plan, measured interleaved in one run (on ``images``,
+    see :func:`timed_detector`)."""
+    timed = timed_detector(detector, space, images)
     return measure_models({k: timed(slim(space, p)) for k, p in plans.items()}, space, settings, progress=progress)
 
 
 def calibrated_detector_model(detector: nn.Module, space: PruningSpace, table: LatencyTable,
                               settings: LatencySettings, mode: str = "table", references: bool = True,
-                              progress: bool = False) -> tuple[LatencyModel, dict[str, float]]:
-    """Measure what ``table`` lacks for the core, then calibrate on the whole detector's measured latency.
+                              progress: bool = False, images: torch.Tensor | None = None
+                              ) -> tuple[LatencyModel, dict[str, float]]:
+    """Measure what ``table`` lacks for the core, then calibrate on the whole detector's measured latency (timed on
+    ``images``: :func:`timed_detector`).
 
     Returns the model and ``{"ms": the dense detector's latency, "noise": its spread, "fixed_ms": the part of
     it the tables do not see (the model's constant: transform, post-processing, ...)}``.
@@ -143,25 +200,27 @@ def calibrated_detector_model(detector: nn.Module, space: PruningSpace, table: L
     # ssdlite320's floor at 128 px at 54.9% of dense where the smallest plan measured 51.6%; with it, 52.2%
     # (bench/results/detection-floor-fit.json)
     refs = calibration_plans(space, smallest=True) if references else []
-    measured = measure_detectors(detector, space, {"dense": Plan.identity()}, settings, progress)
+    measured = measure_detectors(detector, space, {"dense": Plan.identity()}, settings, progress, images)
     # each reference timed alternately with the dense detector: separate measurements of whole detectors could
     # show a smaller plan as slower, and the fitted scale collapsed ("nothing reachable")
-    fractions = reference_fractions(space, settings, refs, timed=timed_detector(detector, space))
+    fractions = reference_fractions(space, settings, refs, timed=timed_detector(detector, space, images))
     lm = LatencyModel(space, table, mode, settings.grid_points, settings.grid_points_3d)
     lm.calibrate(measured["dense"].ms, [(p, f * measured["dense"].ms) for p, f in zip(refs, fractions, strict=True)])
     return lm, {"ms": measured["dense"].ms, "noise": measured["dense"].noise, "fixed_ms": lm.constant}
 
 
 def validate_detector(detector: nn.Module, space: PruningSpace, table: LatencyTable, settings: LatencySettings,
-                      plans: list[Plan], progress: bool = False, calibrate_scale: bool = True) -> Validation:
+                      plans: list[Plan], progress: bool = False, calibrate_scale: bool = True,
+                      images: torch.Tensor | None = None) -> Validation:
     """Predicted against measured end-to-end latency of the whole detector slimmed to random ``plans``: the
     figures of :func:`mdprune.latency.validate` (each detector measured twice, models calibrated on the dense
-    detector and reference plans of the same run, never on the plans checked)."""
+    detector and reference plans of the same run, never on the plans checked), timed on ``images``
+    (:func:`timed_detector`)."""
     build(space, table, settings, progress=progress, calibrate=False)
     references = calibration_plans(space, smallest=True)
     named = {"dense": Plan.identity()} | {f"ref{i}": p for i, p in enumerate(references)} \
         | {f"plan{i}": p for i, p in enumerate(plans)}
-    timed = timed_detector(detector, space)
+    timed = timed_detector(detector, space, images)
     dets = {k: timed(slim(space, p)) for k, p in named.items()}
     measured = measure_models({(k, r): d for k, d in dets.items() for r in (0, 1)}, space, settings,
                               progress=progress)

@@ -29,7 +29,7 @@ from ..search import Search, check_budget, parse_budget, solve_within_measured_b
 from ..space import Plan, PruningSpace
 from .core import analyze_detector, masked_detector, slim_detector
 from .distill import RawDistiller, check_weight
-from .latency import calibrated_detector_model, timed_detector
+from .latency import calibrated_detector_model, timed_detector, timing_images
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
@@ -190,6 +190,7 @@ class DetectionPruneReport:
     steps: list[dict[str, Any]] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    timed_on: str = "random images"  # what the latency measurements ran the detectors on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,7 +200,7 @@ class DetectionPruneReport:
             if self.measured_ms is not None and self.measured_dense_ms else ""
         return (f"target {self.target_ms:.3f} ms of dense {self.dense_ms:.3f} ms (fixed part {self.fixed_ms:.3f} ms)"
                 f", predicted {self.predicted_ms:.3f} ms{m}; params {self.params[1]:,} of {self.params[0]:,}; "
-                f"{len(self.removed_blocks)} blocks removed")
+                f"{len(self.removed_blocks)} blocks removed; timed on {self.timed_on}")
 
 
 def prune_detector(
@@ -222,6 +223,7 @@ def prune_detector(
     distill: float = 0.0,
     blocks: bool = True,
     verify_rounds: int = 3,
+    timing_images: torch.Tensor | str = "data",
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, DetectionPruneReport]:
@@ -238,6 +240,10 @@ def prune_detector(
             :func:`finetune`; 0: its loss dict only).
         verify_rounds: re-solves allowed while the measured latency misses the budget significantly
             (see :mod:`mdprune.search.measured`).
+        timing_images: what every latency measurement runs the detectors on: ``"data"`` (the first images of
+            one pass of ``data``, random ones without data), ``"random"``, or a ``(batch, 3, S, S)`` tensor.
+            Post-processing costs what the detections make it cost, and on random images a trained detector
+            scores far more boxes than on real ones (:mod:`mdprune.detection.latency`).
 
     Returns:
         The slim detector (fine-tune it with :func:`finetune`) and a :class:`DetectionPruneReport`.
@@ -251,12 +257,13 @@ def prune_detector(
     t0 = time.monotonic()
     seconds: dict[str, float] = {}
     settings = settings or LatencySettings(batch=batch)
+    images = _timing_images(timing_images, data, settings.batch, image_size)
     detector = detector.eval()
     if space is None:
         space = analyze_detector(detector, torch.randn(1, 3, image_size, image_size), ignored_layers=ignored_layers)
     seconds["analyze"] = time.monotonic() - t0
     t = time.monotonic()
-    lm, dense = calibrated_detector_model(detector, space, open_table(settings, lut), settings)
+    lm, dense = calibrated_detector_model(detector, space, open_table(settings, lut), settings, images=images)
     seconds["latency"] = time.monotonic() - t
     target = parse_budget(budget, dense["ms"])
     search = Search(space, lm, {"latency": target}, blocks=blocks)
@@ -283,7 +290,7 @@ def prune_detector(
 
     plan, _, checks = solve_within_measured_budget(space, lm, settings, solve_at, target, dense["ms"],
                                                    rounds=verify_rounds, log=say,
-                                                   timed=timed_detector(detector, space))
+                                                   timed=timed_detector(detector, space, images))
     seconds["solve"] = time.monotonic() - t
     final = next(c for c in checks if c["kept"])
     pruned = slim_detector(space, plan, detector, trained)
@@ -296,10 +303,26 @@ def prune_detector(
         params=(space.count_params(), space.count_params(sizes, removed)),
         macs=(space.count_macs(), space.count_macs(sizes, removed)), removed_blocks=sorted(removed),
         widths={d.name: (sizes[d.name], d.size) for d in space.prunable_dims()}, plan=plan.to_dict(),
-        schedule=schedule, steps=step_log, checks=checks, seconds=seconds)
+        schedule=schedule, steps=step_log, checks=checks, seconds=seconds,
+        timed_on="random images" if images is None else
+        f"the data's first {len(images)} image(s)" if isinstance(timing_images, str) else
+        f"{len(images)} given image(s)")
     pruned._mdprune_detection = {"source": getattr(detector, "_mdprune_source", None), "plan": plan.to_dict(),
                                  "image_size": image_size, "ignored_layers": list(space.options["ignored_layers"])}
     return pruned.eval(), report
+
+
+def _timing_images(how: torch.Tensor | str, data: Callable[[], Iterable[Batch]] | None, batch: int,
+                   image_size: int) -> torch.Tensor | None:
+    """The images ``prune_detector`` times detectors on (``None``: random ones)."""
+    if isinstance(how, torch.Tensor):
+        if how.shape != (batch, 3, image_size, image_size):
+            raise ValueError(f"timing_images of shape {tuple(how.shape)}: the latency batch and image size give "
+                             f"{(batch, 3, image_size, image_size)}")
+        return how
+    if how not in ("data", "random"):
+        raise ValueError(f"timing_images is 'data', 'random' or a tensor, not {how!r}")
+    return timing_images(data(), batch, image_size) if how == "data" and data is not None else None
 
 
 def _iterative(space: PruningSpace, detector: nn.Module, search: Search, data: Callable[[], Iterable[Batch]],

@@ -195,11 +195,14 @@ class FlopsBackend:
 def count_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, Any]:
     """FLOPs of one forward pass by PyTorch's ``FlopCounterMode``, and the output. Parameters are frozen for the
     count: under ``no_grad`` the counter's module tracker fails on a parameter a submodule reads directly
-    (timm's attention pooling hands its latent query, expanded, to a linear layer)."""
+    (timm's attention pooling hands its latent query, expanded, to a linear layer). A first, uncounted pass
+    warms up, as timing does: work done once and cached (a timed detector's dense detections) is not counted."""
     frozen = [p for p in module.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
+        with torch.no_grad():
+            module(*inputs)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             out = module(*inputs)
     finally:

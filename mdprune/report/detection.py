@@ -71,7 +71,7 @@ def _latency(p: Mapping[str, Any]) -> list[str]:
             ["MACs (backbone, neck, heads)", f"{format_count(macs[0])} -> {format_count(macs[1])}"]]
     return ["## Whole-detector latency", "",
             "End to end: image transform, backbone, neck, heads and post-processing, at the run's image size and "
-            "batch.", ""] + _table(["", "Value"], rows)
+            f"batch, timed on {p.get('timed_on', 'random images')}.", ""] + _table(["", "Value"], rows)
 
 
 def _finetuned(r: Mapping[str, Any] | None) -> list[str]:
