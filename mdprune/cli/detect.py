@@ -113,7 +113,9 @@ def _validate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     images = None
     if args.timing_images == "data":
-        images = _timing_images(args, _data(args)[1])
+        from ..detection.data import open_detection_data
+
+        images = _timing_images(args, open_detection_data(args.val_data or args.data, args.image_size, "val"))
     v = validate_detector(det, space, open_table(settings, args.lut), settings,
                           random_plans(space, args.samples), progress=True, images=images)
     print(json.dumps({**v.summary(), "fixed_ms": v.fixed_ms}, indent=1))
