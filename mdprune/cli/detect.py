@@ -141,13 +141,13 @@ def _timing_images(args: argparse.Namespace, val: Any) -> Any:
 def _prune(args: argparse.Namespace) -> int:
     from ..detection import finetune, prune_detector, save_detector
     from ..detection.data import loader
+    from ..detection.distill import check_weight
     from ..detection.latency import measure_detector_ratio
     from ..detection.metric import evaluate_map
     from ..detection.prune import required_targets
     from ..report.detection import write_detection_report
 
-    if args.distill < 0:
-        raise ValueError(f"the distillation weight must be >= 0, got {args.distill}")
+    check_weight(args.distill)  # before any data is read
     train, val = _data(args)
     det = _detector(args, train.num_classes)
     if required_targets(det):  # Mask / Keypoint R-CNN: read the masks or keypoints too
