@@ -19,6 +19,14 @@ which an interval over independent pairs would ignore (a block bootstrap with so
 in about 85-90% of simulated runs at 95%; batch means with blocks of 16 pairs or more, 92-95%). Pairs are added
 until the interval is narrower than the tolerance asked (relative width ``log(high / low)``) and ``min_seconds``
 have passed, or a time cap passes, which the record reports (``converged``).
+
+What the interval does not cover: a wander of the host slower than the measurement itself. Measured here
+(``bench/drift.py``: one plan and its dense model timed for 4 minutes in one process, replayed through
+:func:`measure_ratio` as 10-20 s checks), the ratio's sd between 10-s windows was 0.5-2.9%, and the 95% interval
+held the 4-minute ratio in 27-73% of the replays. Blocks of 5 s or more (8 at least) instead of 16 pairs
+helped the ViT's traces by 5-17 points and lost coverage under stationary noise when stopping at the
+tolerance, so the blocks stay short; a decision taken on one interval can only be trusted for misses larger
+than that wander.
 """
 
 from __future__ import annotations
