@@ -1,7 +1,8 @@
 """How far does a latency ratio wander on this machine, and can an interval measured inside one window see it?
 
-Times one pruned plan and its dense model in alternating pairs for ``--seconds`` (the same runners and pairs as
-:func:`mdprune.latency.measure_models_ratio`) and keeps every pair with its time. Then, from that one trace:
+Times one pruned plan and its dense model in alternating pairs for ``--seconds`` (the runners and pairs of
+:func:`mdprune.latency.measure_models_ratio`, from :func:`mdprune.latency.ratio.model_pairs`) and keeps every pair
+with its time. Then, from that one trace:
 
 - **spread**: the ratio of the two sides' 10% quantiles over consecutive windows of 1 to 40 s, and its relative
   sd between windows. If the host's state only added independent noise to each pair, the sd would fall as
@@ -21,7 +22,6 @@ into bench/results/drift.json by model, budget and load.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -34,9 +34,7 @@ from budget import RESULTS, busy_core, log, model_and_space, settings_of
 
 import mdprune
 from mdprune.latency import RatioSettings, measure_ratio
-from mdprune.latency.backends import get_backend
-from mdprune.latency.build import deployment, example_inputs, prepare
-from mdprune.latency.ratio import runner_pairs
+from mdprune.latency.ratio import model_pairs
 
 WINDOWS = (1, 2, 5, 10, 20, 40)
 REPLAYS = {"check": RatioSettings(tolerance=0.03), "remeasure": RatioSettings(tolerance=0.02, time_cap=30.0)}
@@ -47,13 +45,8 @@ def record(name: str, plan: dict[str, Any], spec: dict[str, Any], seconds: float
     _, _, space = model_and_space(name, (1, 1, 28, 28))
     settings = settings_of(spec)
     pruned, dense = mdprune.slim(space, mdprune.Plan.from_dict(plan)), mdprune.slim(space, mdprune.Plan())
-    backend = get_backend(settings.backend, settings.threads, settings.device)
-    inputs = example_inputs(space, settings)
     ts, a, b = [], [], []
-    with deployment(settings):
-        ra = backend.runner(prepare(copy.deepcopy(pruned), (), settings)[0], inputs)
-        rb = backend.runner(prepare(copy.deepcopy(dense), (), settings)[0], inputs)
-        pair = runner_pairs(backend, ra, rb, settings.timing)
+    with model_pairs(pruned, dense, space, settings) as pair:
         t0 = time.monotonic()
         while time.monotonic() - t0 < seconds:
             x, y = pair(len(ts))

@@ -34,7 +34,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from statistics import NormalDist
 from typing import Any
@@ -185,6 +186,23 @@ def runner_pairs(backend: Backend, a: Callable[[], Any], b: Callable[[], Any], t
     return other
 
 
+@contextmanager
+def model_pairs(a: torch.nn.Module, b: torch.nn.Module, space: PruningSpace | None, settings: LatencySettings,
+                inputs: tuple[torch.Tensor, ...] | None = None) -> Iterator[Callable[[int], tuple[float, float]]]:
+    """``pair(i)`` (see :func:`runner_pairs`) timing copies of models ``a`` and ``b`` (both of ``space``) with the
+    backend and deployment of ``settings``, on ``inputs`` (default: random inputs of ``space`` at the latency
+    batch); valid inside the ``with`` block, which holds the deployment."""
+    backend = get_backend(settings.backend, settings.threads, settings.device)
+    if inputs is None:
+        if space is None:
+            raise ValueError("timing two models needs their space or the inputs")
+        inputs = example_inputs(space, settings)
+    with deployment(settings):
+        ra = backend.runner(prepare(copy.deepcopy(a), (), settings)[0], inputs)
+        rb = backend.runner(prepare(copy.deepcopy(b), (), settings)[0], inputs)
+        yield runner_pairs(backend, ra, rb, settings.timing)
+
+
 def measure_models_ratio(a: torch.nn.Module, b: torch.nn.Module, space: PruningSpace | None,
                          settings: LatencySettings, ratio: RatioSettings | None = None,
                          clock: Callable[[], float] = time.monotonic,
@@ -192,12 +210,5 @@ def measure_models_ratio(a: torch.nn.Module, b: torch.nn.Module, space: PruningS
     """Latency of model ``a`` as a fraction of model ``b`` (both of ``space``), interleaved in one run with the
     backend and deployment of ``settings`` (see :func:`measure_ratio`), on ``inputs`` (default: random inputs of
     ``space`` at the latency batch). Measures copies of the models."""
-    backend = get_backend(settings.backend, settings.threads, settings.device)
-    if inputs is None:
-        if space is None:
-            raise ValueError("measure_models_ratio needs the space or the inputs")
-        inputs = example_inputs(space, settings)
-    with deployment(settings):
-        ra = backend.runner(prepare(copy.deepcopy(a), (), settings)[0], inputs)
-        rb = backend.runner(prepare(copy.deepcopy(b), (), settings)[0], inputs)
-        return measure_ratio(runner_pairs(backend, ra, rb, settings.timing), ratio, clock)
+    with model_pairs(a, b, space, settings, inputs) as pair:
+        return measure_ratio(pair, ratio, clock)
