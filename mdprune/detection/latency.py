@@ -65,6 +65,14 @@ def timing_images(batches: Iterable[Any], batch: int, image_size: int) -> torch.
     return torch.stack([images[i % len(images)] for i in range(batch)])
 
 
+def check_timing_images(images: torch.Tensor, batch: int, image_size: int) -> torch.Tensor:
+    """``images``, if they are the ``(batch, 3, S, S)`` tensor the latency settings time; else a ``ValueError``."""
+    if tuple(images.shape) != (batch, 3, image_size, image_size):
+        raise ValueError(f"timing images of shape {tuple(images.shape)}: the latency batch and image size give "
+                         f"{(batch, 3, image_size, image_size)}")
+    return images
+
+
 def on_images(detector: nn.Module, images: torch.Tensor | None) -> nn.Module:
     """``detector`` (hooked in place and returned) run on ``images`` whenever it is called in eval mode with a
     tensor batch of their shape, whatever that tensor holds: the timing code's random inputs become real images
@@ -170,9 +178,7 @@ def measure_detector_ratio(pruned: nn.Module, dense: nn.Module, image_size: int,
     inputs = random_inputs([(1, 3, image_size, image_size)], settings)
     if images is None:
         return measure_models_ratio(pruned, dense, None, settings, ratio, inputs=inputs)
-    if images.shape != inputs[0].shape:
-        raise ValueError(f"timing images of shape {tuple(images.shape)}: the latency batch and image size give "
-                         f"{tuple(inputs[0].shape)}")
+    check_timing_images(images, settings.batch, image_size)
     return measure_models_ratio(on_images(copy.deepcopy(pruned), images), on_images(copy.deepcopy(dense), images),
                                 None, settings, ratio, inputs=inputs)
 

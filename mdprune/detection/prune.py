@@ -29,7 +29,7 @@ from ..search import Search, check_budget, parse_budget, solve_within_measured_b
 from ..space import Plan, PruningSpace
 from .core import analyze_detector, masked_detector, slim_detector
 from .distill import RawDistiller, check_weight
-from .latency import calibrated_detector_model, timed_detector, timing_images
+from .latency import calibrated_detector_model, check_timing_images, timed_detector, timing_images
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
@@ -316,10 +316,7 @@ def _timing_images(how: torch.Tensor | str, data: Callable[[], Iterable[Batch]] 
                    image_size: int) -> torch.Tensor | None:
     """The images ``prune_detector`` times detectors on (``None``: random ones)."""
     if isinstance(how, torch.Tensor):
-        if how.shape != (batch, 3, image_size, image_size):
-            raise ValueError(f"timing_images of shape {tuple(how.shape)}: the latency batch and image size give "
-                             f"{(batch, 3, image_size, image_size)}")
-        return how
+        return check_timing_images(how, batch, image_size)
     if how not in ("data", "random"):
         raise ValueError(f"timing_images is 'data', 'random' or a tensor, not {how!r}")
     return timing_images(data(), batch, image_size) if how == "data" and data is not None else None
