@@ -2,8 +2,8 @@
 
 Prunes two models, a CNN (small_resnet18) and a ViT (small_vit), to 10 latency budgets each (30% to 75% of the
 dense model's measured latency) with ``mdprune.prune`` and its measured check, then re-measures every result in
-a fresh process, timed alternately with the dense model (:func:`mdprune.latency.measure_models_ratio`: the ratio
-of their 10% quantiles with its 95% interval). Writes each result's ``measured_over_target`` (the re-measured
+a fresh process, timed alternately with the dense model (:func:`mdprune.latency.measure_models_ratio`: the
+measured check's ratio statistic with its 95% interval). Writes each result's ``measured_over_target`` (the re-measured
 fraction of the dense latency over the budget's fraction, with its interval) to bench/results/budget.json.
 
 Targets: measured / target in [0.97, 1.03] for every budget on a quiet machine; with one core kept busy by
@@ -186,7 +186,7 @@ def main() -> None:
     budgets = [0.5, 0.7] if args.quick else BUDGETS
     spec = {"device": "cpu", "batch": 1, "threads": 1, "dtype": "float32", "backend": args.backend,
             "grid_points": 4 if args.quick else 16}
-    ratio = {"tolerance": 0.02, "time_cap": 5.0 if args.quick else 30.0}
+    ratio = {"tolerance": 0.02, "time_cap": 5.0 if args.quick else 30.0, "statistic": RatioSettings().statistic}
     if args.spread:
         out = [r for name in args.models
                for r in spread(name, MODELS[name], args.spread, spec, ratio, args.lut, args.repeats)]

@@ -86,8 +86,8 @@ def uniform_plan(space, ratio: float, scores) -> Plan:  # noqa: ANN001
     return Plan.from_sizes(space, sizes, scores)
 
 
-#: the bisection's measurements and the final ones: each detector timed alternately with the dense one (the ratio
-#: of their 10% quantiles, as mdprune's measured check does), never absolute ms from separate measurements
+#: the bisection's measurements and the final ones: each detector timed alternately with the dense one (the
+#: measured check's ratio statistic), never absolute ms from separate measurements
 SEARCH = RatioSettings(tolerance=0.04, min_seconds=4.0, time_cap=8.0)
 FINAL = RatioSettings(tolerance=0.02, time_cap=30.0)
 

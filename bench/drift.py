@@ -4,9 +4,10 @@ Times one pruned plan and its dense model in alternating pairs for ``--seconds``
 :func:`mdprune.latency.measure_models_ratio`, from :func:`mdprune.latency.ratio.model_pairs`) and keeps every pair
 with its time. Then, from that one trace:
 
-- **spread**: the ratio of the two sides' 10% quantiles over consecutive windows of 1 to 40 s, and its relative
-  sd between windows. If the host's state only added independent noise to each pair, the sd would fall as
-  ``1 / sqrt(window)``; where it stops falling, the ratio itself wanders on that time scale.
+- **spread**: the ratio (the statistic of ``--statistic``, by default the measured check's) over consecutive
+  windows of 1 to 40 s, and its relative sd between windows. If the host's state only added independent noise
+  to each pair, the sd would fall as ``1 / sqrt(window)``; where it stops falling, the ratio itself wanders on
+  that time scale.
 - **replay**: the trace fed, from a start every 5 s, through :func:`mdprune.latency.measure_ratio` with the
   measured check's settings (tolerance 3%, 10-20 s) and ``bench/budget.py``'s re-measurement settings
   (tolerance 2%, 30 s cap), as if measured then. Each interval is scored on whether it holds the whole trace's
@@ -15,8 +16,9 @@ with its time. Then, from that one trace:
   quadrature, at z = 1.96) to hold it in 90% of the runs.
 
 The plans are the ones ``bench/budget.py`` kept (``plan`` in its JSON). Run it alone: ``python bench/drift.py
---model small_vit --budget 0.35`` (``--busy`` keeps one core busy meanwhile; 4 min by default). Rows are merged
-into bench/results/drift.json by model, budget and load.
+--model small_vit --budget 0.35`` (``--busy`` keeps one core busy meanwhile; 4 min by default; ``--save-trace``
+keeps the pairs). ``--from-trace NPZ`` analyses a kept trace again, with another ``--statistic``, without timing
+anything. Rows are merged into bench/results/drift.json by model, budget, load and statistic.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ from budget import RESULTS, busy_core, log, model_and_space, settings_of
 
 import mdprune
 from mdprune.latency import RatioSettings, measure_ratio
-from mdprune.latency.ratio import model_pairs
+from mdprune.latency.ratio import STATISTICS, log_ratio, model_pairs
 
 WINDOWS = (1, 2, 5, 10, 20, 40)
 REPLAYS = {"check": RatioSettings(tolerance=0.03), "remeasure": RatioSettings(tolerance=0.02, time_cap=30.0)}
@@ -56,16 +59,17 @@ def record(name: str, plan: dict[str, Any], spec: dict[str, Any], seconds: float
     return {"ts": np.array(ts), "a": np.array(a), "b": np.array(b)}
 
 
-def quantile_ratio(a: np.ndarray, b: np.ndarray, q: float = 0.1) -> float:
-    return float(np.quantile(a, q) / np.quantile(b, q))
+def ratio_of(a: np.ndarray, b: np.ndarray, settings: RatioSettings) -> float:
+    """The ratio of ``settings``' statistic over the paired times ``a``, ``b`` (ms)."""
+    return math.exp(log_ratio(np.log(a), np.log(b), settings))
 
 
-def spread(trace: dict[str, np.ndarray]) -> list[dict[str, float]]:
+def spread(trace: dict[str, np.ndarray], settings: RatioSettings) -> list[dict[str, float]]:
     """The window statistic's spread between consecutive windows, per window length."""
     ts, a, b = trace["ts"], trace["a"], trace["b"]
     rows = []
     for w in WINDOWS:
-        vals = np.array([quantile_ratio(a[m], b[m]) for s in np.arange(0, ts[-1] - w + 1e-9, w)
+        vals = np.array([ratio_of(a[m], b[m], settings) for s in np.arange(0, ts[-1] - w + 1e-9, w)
                          if (m := (ts >= s) & (ts < s + w)).sum() >= 4])
         if len(vals) >= 2:
             rows.append({"window_s": w, "windows": len(vals), "sd_relative": float(np.std(np.log(vals), ddof=1)),
@@ -91,7 +95,7 @@ def replay(trace: dict[str, np.ndarray], settings: RatioSettings, step: float = 
     """``measure_ratio`` run on the trace from a start every ``step`` seconds: how often its interval holds the
     whole trace's ratio, its median relative width, how often it converged, and the spread of its estimates."""
     ts, a, b = trace["ts"], trace["a"], trace["b"]
-    truth = quantile_ratio(a, b)
+    truth = ratio_of(a, b, settings)
     held, widths, converged, estimates, misses = 0, [], 0, [], []
     starts = np.arange(0, ts[-1] - settings.time_cap - 1, step)
     if len(starts) < 2:
@@ -117,16 +121,8 @@ def allowance(misses: list[tuple[float, float]], share: float, z: float = 1.96) 
     return float(need[min(len(need) - 1, math.ceil(share * len(need)) - 1)])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="small_vit", choices=["small_resnet18", "small_vit"])
-    ap.add_argument("--budget", type=float, default=0.35, help="whose kept plan (a fraction, as in the JSON)")
-    ap.add_argument("--plans", type=Path, default=RESULTS / "budget-busy.json", help="a bench/budget.py JSON")
-    ap.add_argument("--seconds", type=float, default=240.0)
-    ap.add_argument("--busy", action="store_true", help="keep one core busy with another process meanwhile")
-    ap.add_argument("--out", type=Path, default=RESULTS / "drift.json")
-    ap.add_argument("--save-trace", type=Path, metavar="NPZ", help="also keep every pair (numpy .npz: ts, a, b)")
-    args = ap.parse_args()
+def timed_trace(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """A new trace of ``args.model``'s plan kept at ``args.budget`` (``--plans``) against its dense model."""
     source = json.loads(args.plans.read_text())
     row = next((r for r in source["results"] if r["model"] == args.model and abs(r["budget"] - args.budget) < 1e-9
                 and "plan" in r), None)
@@ -136,17 +132,42 @@ def main() -> None:
     try:
         log(f"timing {args.model}'s plan kept at {100 * args.budget:g}% against dense for {args.seconds:g} s"
             + (" with one core busy" if busy else ""))
-        trace = record(args.model, row["plan"], source["meta"]["settings"], args.seconds)
+        return record(args.model, row["plan"], source["meta"]["settings"], args.seconds)
     finally:
         if busy is not None:
             busy.kill()
             busy.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="small_vit", choices=["small_resnet18", "small_vit"])
+    ap.add_argument("--budget", type=float, default=0.35, help="whose kept plan (a fraction, as in the JSON)")
+    ap.add_argument("--plans", type=Path, default=RESULTS / "budget-busy.json", help="a bench/budget.py JSON")
+    ap.add_argument("--seconds", type=float, default=240.0)
+    ap.add_argument("--busy", action="store_true", help="keep one core busy with another process meanwhile")
+    ap.add_argument("--out", type=Path, default=RESULTS / "drift.json")
+    ap.add_argument("--save-trace", type=Path, metavar="NPZ", help="also keep every pair (numpy .npz: ts, a, b)")
+    ap.add_argument("--from-trace", type=Path, metavar="NPZ",
+                    help="analyse this kept trace (of --model, --budget, --busy) instead of timing a new one")
+    ap.add_argument("--statistic", choices=sorted(STATISTICS), default=RatioSettings().statistic,
+                    help="the ratio statistic analysed (default: the measured check's)")
+    args = ap.parse_args()
+    if args.from_trace is not None:
+        trace = dict(np.load(args.from_trace))
+        loadavg = None
+    else:
+        trace = timed_trace(args)
+        loadavg = os.getloadavg()
     if args.save_trace is not None:
-        np.savez(args.save_trace, **trace)
-    out = {"model": args.model, "budget": args.budget, "busy": args.busy, "seconds": args.seconds,
-           "pairs": len(trace["ts"]), "loadavg": os.getloadavg(),
+        np.savez_compressed(args.save_trace, **trace)
+    stat = RatioSettings(statistic=args.statistic)
+    replays = {k: replace(s, statistic=args.statistic) for k, s in REPLAYS.items()}
+    out = {"model": args.model, "budget": args.budget, "busy": args.busy, "statistic": args.statistic,
+           "seconds": float(trace["ts"][-1]), "pairs": len(trace["ts"]), "loadavg": loadavg,
+           "trace": str(args.from_trace or args.save_trace or ""),
            "dense_ms_median": float(np.median(trace["b"])), "plan_ms_median": float(np.median(trace["a"])),
-           "spread": spread(trace), "replay": {k: replay(trace, s) for k, s in REPLAYS.items()}}
+           "spread": spread(trace, stat), "replay": {k: replay(trace, s) for k, s in replays.items()}}
     for s in out["spread"]:
         log(f"{s['window_s']:>3} s windows ({s['windows']}): ratio sd {100 * s['sd_relative']:.1f}%, "
             f"{s['min'] / args.budget:.3f}-{s['max'] / args.budget:.3f} of the target")
@@ -159,7 +180,8 @@ def main() -> None:
             f"{100 * r['converged']:.0f}%, estimates' sd {100 * r['sd_estimates']:.1f}%; to hold it in 90%, a "
             f"wander sd of {100 * r['allowance_for_90pct']:.1f}% would have to be added")
     rows = json.loads(args.out.read_text())["results"] if args.out.exists() else []
-    rows = [r for r in rows if (r["model"], r["budget"], r["busy"]) != (args.model, args.budget, args.busy)]
+    key = (args.model, args.budget, args.busy, args.statistic)
+    rows = [r for r in rows if (r["model"], r["budget"], r["busy"], r.get("statistic", "quantile")) != key]
     args.out.write_text(json.dumps({"results": rows + [out]}, indent=1))
     log(f"wrote {args.out}")
 

@@ -201,7 +201,7 @@ SEARCH = RatioSettings(tolerance=0.04, min_seconds=3.0, time_cap=4.0)
 def latency_ratio(model: nn.Module, dense: nn.Module, space, settings: LatencySettings,
                   how: RatioSettings = SEARCH) -> tuple[float, float, float, float, float]:
     """``model``'s latency as a fraction of the dense model's, timed in alternating pairs in one run (the ratio
-    of their 10% quantiles, as mdprune's measured check does): (ms, dense ms, ratio, low, high)."""
+    statistic of mdprune's measured check): (ms, dense ms, ratio, low, high)."""
     r = measure_models_ratio(model, dense, space, settings, how)
     return r.a_ms, r.b_ms, r.ratio, r.low, r.high
 

@@ -90,6 +90,51 @@ def test_the_interval_narrows_with_pairs_and_covers_the_truth_despite_bursts():
     assert r.converged and r.width < 0.08 and r.low <= 0.5 <= r.high
 
 
+def _spells(a_true: float, b_true: float, seed: int, cv: float = 0.05, burst_b: float = 0.0):
+    """``pair(i)``: a host that switches between states (each held for 40-200 pairs, 1-2.5x slower) shared by
+    both halves of a pair, each half with its own noise (``cv``); ``burst_b``: share of pairs whose dense half
+    alone is slowed 2-3x."""
+    rng = np.random.default_rng(seed)
+    state = {"left": 0, "load": 1.0}
+
+    def pair(i: int) -> tuple[float, float]:
+        if state["left"] == 0:
+            state["left"], state["load"] = int(rng.integers(40, 200)), float(rng.uniform(1.0, 2.5))
+        state["left"] -= 1
+        load = state["load"]
+        a, b = a_true * load * math.exp(rng.normal(0, cv)), b_true * load * math.exp(rng.normal(0, cv))
+        if rng.random() < burst_b:
+            b *= rng.uniform(2, 3)
+        return a, b
+    return pair
+
+
+def test_the_pairs_statistic_cancels_a_host_state_both_halves_share():
+    """States of the host held for many pairs move each side's quantile with the states the measurement met;
+    within a pair both halves see the same state, so the per-pair statistic (the default) stays put, and its
+    trimming keeps bursts on one side out."""
+    fixed = dict(tolerance=0.0, max_pairs=400, min_seconds=0.0)
+    est = {k: [measure_ratio(_spells(1.0, 2.0, seed), RatioSettings(statistic=k, **fixed)).ratio
+               for seed in range(20)] for k in ("pairs", "quantile")}
+    spread = {k: float(np.std(np.log(v))) for k, v in est.items()}
+    assert spread["pairs"] < 0.5 * spread["quantile"]
+    assert all(abs(math.log(r / 0.5)) < 0.02 for r in est["pairs"])
+    covered = sum(r.low <= 0.5 <= r.high for r in (
+        measure_ratio(_spells(1.0, 2.0, seed, burst_b=0.06), RatioSettings(**fixed)) for seed in range(20)))
+    assert covered >= 16  # 95% intervals on random draws: not every one covers
+
+
+def test_ratio_settings_name_their_statistic():
+    with pytest.raises(ValueError, match="unknown ratio statistic"):
+        RatioSettings(statistic="median")
+    with pytest.raises(ValueError, match="trim"):
+        RatioSettings(trim=0.5)
+    times = iter([(1.0, 2.0), (1.5, 2.5), (1.2, 2.0), (1.1, 2.2)] * 4)
+    r = measure_ratio(lambda i: next(times), RatioSettings(statistic="quantile", quantile=0.0, max_pairs=16,
+                                                           min_seconds=0.0, tolerance=0.0))
+    assert r.a_ms == pytest.approx(1.0) and r.b_ms == pytest.approx(2.0) and r.ratio == pytest.approx(0.5)
+
+
 def test_the_time_cap_stops_measuring_and_is_reported():
     now = [0.0]
 

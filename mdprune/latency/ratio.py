@@ -1,32 +1,39 @@
 """The latency of one model as a fraction of another's, measured interleaved in one run, with a confidence interval.
 
 The two models are timed alternately (A B, B A, A B, ...; the order flips each pair so a steady drift favours
-neither) for at least ``min_seconds``, and the ratio is that of a low quantile (``quantile``, 10% by default) of
-each side's round times: the latency of each model in the machine's fast state.
+neither) for at least ``min_seconds``, and the ratio is the 10%-trimmed mean of the per-pair log ratios
+``log(a / b)`` (``statistic="pairs"``): the two halves of a pair run milliseconds apart, in the same state of
+the host, so a state shared by both cancels in the pair and the mean over pairs averages the states met.
 
-Why not the median of per-pair ratios (what this module did first): on a shared machine the ratio itself moves
-with the host's state, not only the absolute times. Measured here (small_resnet18, batch 1, 1 thread, one plan,
-two minutes of alternating pairs): when the host ran 50% slower, the plan's ratio to the dense model rose from
-0.535 to 0.59, so the median of per-pair ratios over consecutive 10-s windows spread over 8.3% (sd 2.5%) while
-each window's own sign-test interval was about +-1% wide: the interval was honest about the pairs and blind to
-the state. The ratio of the two sides' 10% quantiles over the same windows spread over 2.1% (sd 0.75%); over 5-s
-windows every statistic spread about 10%, because a window can fall wholly in a slow state, hence the minimum
-duration. A check and a later re-measurement in a fresh process then compare the same quantity.
+The statistic has moved twice, each time on measured traces (``bench/drift.py --save-trace``: one plan and its
+dense model timed alternately for 4 minutes in one process, then cut into windows):
+
+- First the median of per-pair ratios. On one 2-minute trace (small_resnet18, batch 1, 1 thread) it moved
+  with the host's slowness (0.535 when the host ran fast, 0.59 when 50% slower; sd 2.5% between 10-s
+  windows) while the ratio of the two sides' 10% quantiles moved 0.75%. So the ratio of 10% quantiles
+  (``statistic="quantile"``: each model in the machine's fast state) replaced it.
+- On five 4-minute traces of 2026-12-07 (ViT and ResNet plans, quiet and with one core busy) the ratio of 10%
+  quantiles wandered 0.7-4.5% (sd) between 10-s windows and 0.4-3.9% between 40-s windows: when the fast
+  state comes and goes, each window's quantile picks a different state. The trimmed mean of per-pair log
+  ratios wandered 1.3-2.3% and 0.9-1.2%, and one 10-20 s check's estimate spread 1.1-1.9% around the
+  4-minute value against 0.8-4.1% for the quantiles (root mean square over the five: 1.7% against 2.8%).
+  Where the host was steady the quantiles were tighter (0.8 and 1.2% against 1.1 and 1.7%); where it was
+  not they were 2-3 times looser. The pairs' statistic is never far off; it is the default.
 
 The interval is by batch means: the pairs are cut into consecutive blocks and the statistic's spread between
 blocks gives a t interval. Blocks keep the correlation between neighbouring pairs (a slow spell spans many),
 which an interval over independent pairs would ignore (a block bootstrap with so few blocks covered the truth
 in about 85-90% of simulated runs at 95%; batch means with blocks of 16 pairs or more, 92-95%). Pairs are added
 until the interval is narrower than the tolerance asked (relative width ``log(high / low)``) and ``min_seconds``
-have passed, or a time cap passes, which the record reports (``converged``).
+have passed (over shorter windows every statistic moved about 10%: a window can fall wholly in a slow spell),
+or a time cap passes, which the record reports (``converged``).
 
-What the interval does not cover: a wander of the host slower than the measurement itself. Measured here
-(``bench/drift.py``: one plan and its dense model timed for 4 minutes in one process, replayed through
-:func:`measure_ratio` as 10-20 s checks), the ratio's sd between 10-s windows was 0.5-2.9%, and the 95% interval
-held the 4-minute ratio in 27-73% of the replays. Blocks of 5 s or more (8 at least) instead of 16 pairs
-helped the ViT's traces by 5-17 points and lost coverage under stationary noise when stopping at the
-tolerance, so the blocks stay short; a decision taken on one interval can only be trusted for misses larger
-than that wander.
+What the interval does not cover: a wander of the host slower than the measurement itself. Replayed as
+10-20 s checks on those traces (:func:`measure_ratio` from a start every 5 s), the 95% interval held the
+4-minute ratio in 34-73% of the replays with the pairs' statistic (20-75% with the quantiles). Blocks of 5 s
+or more (8 at least) instead of 16 pairs were tried and lost coverage under stationary noise when stopping at
+the tolerance, so the blocks stay short; a decision taken on one interval can only be trusted for misses
+larger than that wander.
 """
 
 from __future__ import annotations
@@ -61,13 +68,24 @@ class RatioSettings:
     min_pairs: int = 8
     max_pairs: int = 20000
     min_seconds: float = 10.0  #: measure at least this long, so slow and fast spells of the host both show
-    quantile: float = 0.1  #: the statistic: ratio of the two sides' ``quantile``-quantiles (0.5: of medians)
+    #: the statistic (see the module docstring): "pairs", the trimmed mean of per-pair log ratios, or
+    #: "quantile", the ratio of the two sides' ``quantile``-quantiles of their round times
+    statistic: str = "pairs"
+    trim: float = 0.1  #: for "pairs": the share of pairs cut from each tail before the mean (bursts on one side)
+    quantile: float = 0.1  #: for "quantile": which quantile (0.5: the ratio of medians)
+
+    def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"unknown ratio statistic {self.statistic!r}; known: {sorted(STATISTICS)}")
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
 
 
 @dataclass
 class Ratio:
-    """``a / b`` (``a_ms / b_ms``) and its interval ``[low, high]`` at ``confidence``; ``a_ms``, ``b_ms``: each
-    side's quantile of its round times (:attr:`RatioSettings.quantile`); ``rounds``: pairs measured;
+    """``a / b`` and its interval ``[low, high]`` at ``confidence``; ``a_ms``, ``b_ms``: each side's own
+    statistic of its round times (for "pairs" its trimmed geometric mean, for "quantile" its quantile; with
+    "pairs" their ratio is close to, not exactly, ``ratio``); ``rounds``: pairs measured;
     ``converged``: the interval reached the tolerance (False: the time cap or ``max_pairs`` stopped it first)."""
 
     ratio: float
@@ -117,34 +135,66 @@ def measure_ratio(pair: Callable[[int], tuple[float, float]], settings: RatioSet
         capped = n >= max(s.min_pairs, 2) and (elapsed >= s.time_cap or n >= s.max_pairs)
         if n >= next_check or capped:
             next_check = max(n + 4, int(n * 1.1))  # the interval costs a pass over the pairs: every 10% more
-            est = quantile_ratio_interval(la, lb, s)
+            est = ratio_interval(la, lb, s)
             if est[2] - est[1] < s.tolerance and elapsed >= s.min_seconds:
                 break
         if capped:
             break
     assert est is not None
     mid, lo, hi = est
-    qa, qb = np.quantile(la, s.quantile), np.quantile(lb, s.quantile)
-    return Ratio(math.exp(mid), math.exp(lo), math.exp(hi), math.exp(qa), math.exp(qb), len(la), clock() - t0,
+    return Ratio(math.exp(mid), math.exp(lo), math.exp(hi), side_ms(la, s), side_ms(lb, s), len(la), clock() - t0,
                  hi - lo < s.tolerance, s.confidence)
 
 
-def quantile_ratio_interval(log_a: list[float], log_b: list[float], settings: RatioSettings
-                            ) -> tuple[float, float, float]:
-    """The log of the ratio of the two sides' quantiles, and its batch-means interval (logs, in time order).
+def trimmed_mean(x: np.ndarray, trim: float) -> float:
+    """The mean of ``x`` without its ``floor(trim * n)`` smallest and largest values."""
+    x = np.sort(np.asarray(x, dtype=float))
+    cut = int(trim * len(x))
+    return float(x[cut:len(x) - cut].mean())
+
+
+def _pairs(log_a: np.ndarray, log_b: np.ndarray, s: RatioSettings) -> float:
+    return trimmed_mean(log_a - log_b, s.trim)
+
+
+def _quantiles(log_a: np.ndarray, log_b: np.ndarray, s: RatioSettings) -> float:
+    return float(np.quantile(log_a, s.quantile) - np.quantile(log_b, s.quantile))
+
+
+#: the ratio statistics by name: ``(logs of a's round times, logs of b's, settings) -> log(a / b)``
+STATISTICS: dict[str, Callable[[np.ndarray, np.ndarray, RatioSettings], float]] = {
+    "pairs": _pairs, "quantile": _quantiles}
+
+
+def log_ratio(log_a: np.ndarray, log_b: np.ndarray, settings: RatioSettings) -> float:
+    """The statistic of ``settings`` (see the module docstring) on the logs of the paired round times, as
+    ``log(a / b)``."""
+    return STATISTICS[settings.statistic](np.asarray(log_a), np.asarray(log_b), settings)
+
+
+def side_ms(log_x: np.ndarray, settings: RatioSettings) -> float:
+    """One side's own figure in ms: its trimmed geometric mean ("pairs") or its quantile ("quantile")."""
+    log_x = np.asarray(log_x)
+    if settings.statistic == "quantile":
+        return math.exp(float(np.quantile(log_x, settings.quantile)))
+    return math.exp(trimmed_mean(log_x, settings.trim))
+
+
+def ratio_interval(log_a: list[float], log_b: list[float], settings: RatioSettings) -> tuple[float, float, float]:
+    """The statistic (as ``log(a / b)``) and its batch-means interval (logs, in time order).
 
     The pairs are cut into ``k = min(20, max(4, n // 16))`` consecutive blocks; the statistic of each block
     spreads as the host's state moves between blocks, so ``t(k - 1) * sd(block statistics) / sqrt(k)`` around
     the statistic of all pairs bounds it at ``confidence`` without assuming that neighbouring pairs are
     independent (batch means; blocks of one pair under 8 pairs)."""
     a, b = np.asarray(log_a), np.asarray(log_b)
-    n, q = len(a), settings.quantile
-    mid = float(np.quantile(a, q) - np.quantile(b, q))
+    n = len(a)
+    mid = log_ratio(a, b, settings)
     k = n if n < 8 else min(20, max(4, n // 16))
     if k < 2:
         return mid, -math.inf, math.inf
     edges = np.linspace(0, n, k + 1).round().astype(int)
-    per = np.array([np.quantile(a[i:j], q) - np.quantile(b[i:j], q) for i, j in zip(edges, edges[1:], strict=False)])
+    per = np.array([log_ratio(a[i:j], b[i:j], settings) for i, j in zip(edges, edges[1:], strict=False)])
     half = _t_quantile(1 - (1 - settings.confidence) / 2, k - 1) * float(per.std(ddof=1)) / math.sqrt(k)
     return mid, mid - half, mid + half
 

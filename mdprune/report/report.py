@@ -168,8 +168,8 @@ def _budget_checks(history: list[dict[str, Any]]) -> list[str]:
               "Target", "Verdict", "Kept"]
     return ["The final plan measured beside the dense model; solved again at a corrected budget only when the "
             "interval of its ratio lies wholly above the target (or wholly well below it). What was compared: "
-            "each plan's slim model and the dense model timed alternately in the same run (the ratio of their 10% "
-            "quantiles, with its 95% interval), not absolute ms from different runs.", ""] \
+            "each plan's slim model and the dense model timed alternately in the same run (the trimmed mean of the "
+            "per-pair ratios, with its 95% interval), not absolute ms from different runs.", ""] \
         + _table(header, rows)
 
 

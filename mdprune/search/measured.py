@@ -47,7 +47,7 @@ SAME_PLAN_SOLVES = 4
 
 #: one line for reports: what the fractions of a measured check are
 COMPARED = ("Measured / dense: each plan's slim model and the dense model timed alternately in the same run; the "
-            "ratio of their 10% quantiles with its 95% interval, not absolute ms from different runs.")
+            "trimmed mean of the per-pair ratios with its 95% interval, not absolute ms from different runs.")
 
 
 def solve_within_measured_budget(
@@ -85,11 +85,11 @@ def solve_within_measured_budget(
 
     Returns:
         The plan kept, its ``solve_at`` result, and one record per check: ``budget_ms`` (solver budget),
-        ``predicted_ms``, ``measured_ms`` and ``measured_dense_ms`` (medians of the same run), ``fraction`` with
-        ``fraction_low``/``fraction_high`` (its interval), ``target_fraction``, ``rounds`` (pairs), ``seconds``,
-        ``converged``, ``significant`` (the interval excludes the target: over it, or wholly under
-        ``target * (1 - tolerance)``), ``correction`` (next solver budget / this one; 1.0 when none followed),
-        ``capped`` and ``kept``.
+        ``predicted_ms``, ``measured_ms`` and ``measured_dense_ms`` (each side's own figure in the same run, see
+        :class:`~mdprune.latency.Ratio`), ``fraction`` with ``fraction_low``/``fraction_high`` (its interval),
+        ``target_fraction``, ``rounds`` (pairs), ``seconds``, ``converged``, ``significant`` (the interval
+        excludes the target: over it, or wholly under ``target * (1 - tolerance)``), ``correction`` (next
+        solver budget / this one; 1.0 when none followed), ``capped`` and ``kept``.
     """
     goal = target_ms / dense_ms
     rs = ratio or RatioSettings(tolerance=tolerance)

@@ -20,7 +20,7 @@ class _CheckCore(TypedDict):
     predicted_ms: float
     measured_ms: float
     measured_dense_ms: float
-    fraction: float  # measured / measured dense, same run: the ratio of their 10% quantiles
+    fraction: float  # measured / measured dense, same run (mdprune.latency.measure_models_ratio)
     target_fraction: float
     kept: float  # 1.0 for the plan kept
 
