@@ -157,27 +157,34 @@ def _pairs(log_a: np.ndarray, log_b: np.ndarray, s: RatioSettings) -> float:
     return trimmed_mean(log_a - log_b, s.trim)
 
 
+def _pairs_side(log_x: np.ndarray, s: RatioSettings) -> float:
+    return trimmed_mean(log_x, s.trim)
+
+
 def _quantiles(log_a: np.ndarray, log_b: np.ndarray, s: RatioSettings) -> float:
-    return float(np.quantile(log_a, s.quantile) - np.quantile(log_b, s.quantile))
+    return _quantile_side(log_a, s) - _quantile_side(log_b, s)
 
 
-#: the ratio statistics by name: ``(logs of a's round times, logs of b's, settings) -> log(a / b)``
-STATISTICS: dict[str, Callable[[np.ndarray, np.ndarray, RatioSettings], float]] = {
-    "pairs": _pairs, "quantile": _quantiles}
+def _quantile_side(log_x: np.ndarray, s: RatioSettings) -> float:
+    return float(np.quantile(log_x, s.quantile))
+
+
+#: the ratio statistics by name: ``(ratio, side)``, where ``ratio(logs of a's round times, logs of b's,
+#: settings)`` gives ``log(a / b)`` and ``side(logs of one side's, settings)`` that side's own figure (log ms)
+STATISTICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray, RatioSettings], float],
+                            Callable[[np.ndarray, RatioSettings], float]]] = {
+    "pairs": (_pairs, _pairs_side), "quantile": (_quantiles, _quantile_side)}
 
 
 def log_ratio(log_a: np.ndarray, log_b: np.ndarray, settings: RatioSettings) -> float:
     """The statistic of ``settings`` (see the module docstring) on the logs of the paired round times, as
     ``log(a / b)``."""
-    return STATISTICS[settings.statistic](np.asarray(log_a), np.asarray(log_b), settings)
+    return STATISTICS[settings.statistic][0](np.asarray(log_a), np.asarray(log_b), settings)
 
 
 def side_ms(log_x: np.ndarray, settings: RatioSettings) -> float:
     """One side's own figure in ms: its trimmed geometric mean ("pairs") or its quantile ("quantile")."""
-    log_x = np.asarray(log_x)
-    if settings.statistic == "quantile":
-        return math.exp(float(np.quantile(log_x, settings.quantile)))
-    return math.exp(trimmed_mean(log_x, settings.trim))
+    return math.exp(STATISTICS[settings.statistic][1](np.asarray(log_x), settings))
 
 
 def ratio_interval(log_a: list[float], log_b: list[float], settings: RatioSettings) -> tuple[float, float, float]:
